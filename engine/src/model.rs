@@ -1,0 +1,408 @@
+//! A loaded model: architecture, tokenizer, chat template and generation defaults.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, TensorData};
+use moera_models::llama::{self, Llama, LlamaConfig};
+use moera_models::nn::token_tensor;
+use moera_models::{CausalLm, LogitsMode, ModelError};
+use serde_json::Value as Json;
+use tokenizers::Tokenizer;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::device::DeviceKind;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, GgufWeights, Value};
+use crate::safetensors_source::SafetensorsWeights;
+use crate::sampler::SamplingParams;
+
+/// Progress of a load, reported per decoder layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// A language model ready to score and generate.
+pub struct Model {
+    pub(crate) inner: Box<dyn CausalLm>,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    pub(crate) eos_ids: Vec<u32>,
+    /// Sampling defaults from `generation_config.json`.
+    pub default_sampling: SamplingParams,
+    architecture: String,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("architecture", &self.architecture)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads a model folder or `.gguf` file on the default device.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let device = DeviceKind::default_kind()?.device()?;
+        Self::load_on(path, &device, &mut |_| {})
+    }
+
+    /// Loads a model folder (config.json + safetensors) or a `.gguf` file onto `device`.
+    pub fn load_on(
+        path: impl AsRef<Path>,
+        device: &Device,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let mut layer_progress = |done, total| progress(LoadProgress { done, total });
+        if path.is_dir() {
+            load_folder(path, device, &mut layer_progress)
+        } else if path.is_file() {
+            load_gguf(path, device, &mut layer_progress)
+        } else {
+            Err(Error::NotAModel(path.to_path_buf()))
+        }
+    }
+
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+
+    pub fn device(&self) -> Device {
+        self.inner.device()
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    pub(crate) fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or(Error::NoTokenizer)
+    }
+
+    /// Token ids of `text`; `add_special_tokens` adds BOS/EOS where the model's tokenizer does.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .require_tokenizer()?
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenize(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.require_tokenizer()?
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenize(e.to_string()))
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::ChatTemplate("the model has no chat template".into()))?;
+        template.render(messages, add_generation_prompt)
+    }
+
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(Error::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// f32 logits `[ids.len(), vocab]` of every position of one sequence, row-major.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        self.check_ids(ids)?;
+        if ids.len() > self.max_context() {
+            return Err(Error::PromptTooLong {
+                prompt: ids.len(),
+                max_new: 0,
+                context: self.max_context(),
+            });
+        }
+        let mut cache = self.inner.new_cache(1, ids.len());
+        let tokens = token_tensor(ids, 1, &self.device());
+        let logits = self.inner.forward(tokens, &mut cache, LogitsMode::All)?;
+        Ok(to_f32_vec(logits.into_data())?)
+    }
+
+    /// Perplexity over consecutive non-overlapping windows of `ctx` tokens, each scored on
+    /// its tokens 1..n-1 given the earlier tokens of the same window (llama.cpp's definition).
+    pub fn perplexity(&self, ids: &[u32], ctx: usize) -> Result<Perplexity> {
+        if ctx < 2 {
+            return Err(Error::Sampling(format!("perplexity context must be >= 2, got {ctx}")));
+        }
+        let vocab = self.vocab_size();
+        let mut nll = 0f64;
+        let mut count = 0usize;
+        for window in ids.chunks(ctx).filter(|w| w.len() >= 2) {
+            let logits = self.logits(window)?;
+            for (pos, target) in window.iter().enumerate().skip(1) {
+                let row = &logits[(pos - 1) * vocab..pos * vocab];
+                nll -= log_softmax_at(row, *target as usize);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        Ok(Perplexity {
+            perplexity: (nll / count as f64).exp(),
+            mean_nll: nll / count as f64,
+            tokens_scored: count,
+        })
+    }
+}
+
+/// Result of [`Model::perplexity`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    pub perplexity: f64,
+    pub mean_nll: f64,
+    pub tokens_scored: usize,
+}
+
+fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+    row[index] as f64 - max - sum.ln()
+}
+
+pub(crate) fn to_f32_vec(data: TensorData) -> Result<Vec<f32>, ModelError> {
+    data.try_into_vec::<f32>().map_err(|e| ModelError::Weights {
+        name: "logits".into(),
+        reason: format!("{e:?}"),
+    })
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<Json>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Ids from a JSON number or array of numbers (`eos_token_id` takes both forms).
+fn json_ids(value: Option<&Json>) -> Vec<u32> {
+    match value {
+        Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Json::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => vec![],
+    }
+}
+
+/// A token given as `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
+fn json_token(value: Option<&Json>) -> Option<String> {
+    match value? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
+    move |source| Error::Model {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn load_folder(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    let config_path = dir.join("config.json");
+    let config_json = read_json(&config_path)?;
+    let architecture = config_json
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Json::as_str)
+        .or_else(|| config_json.get("model_type").and_then(Json::as_str))
+        .unwrap_or("")
+        .to_string();
+    if !matches!(architecture.as_str(), "LlamaForCausalLM" | "llama") {
+        return Err(Error::UnknownArchitecture {
+            path: config_path,
+            architecture,
+        });
+    }
+    let config: LlamaConfig = serde_json::from_value(config_json.clone()).map_err(|e| Error::Config {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    config.validate().map_err(model_error(&config_path))?;
+    let weights = SafetensorsWeights::open_folder(dir)?;
+    let model = Llama::load(&config, &weights, device, progress).map_err(|e| {
+        let path = match &e {
+            ModelError::ShapeMismatch { name, .. } | ModelError::Weights { name, .. } => {
+                weights.path_of(name).unwrap_or(dir)
+            }
+            _ => dir,
+        };
+        model_error(path)(e)
+    })?;
+
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() {
+        Some(Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+            path: tokenizer_path.clone(),
+            reason: e.to_string(),
+        })?)
+    } else {
+        None
+    };
+    let tokenizer_config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+    let generation_config = read_optional_json(&dir.join("generation_config.json"))?;
+    let get_tc = |key: &str| tokenizer_config.as_ref().and_then(|c| c.get(key));
+    let chat_source = match get_tc("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        Some(Json::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+    .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+    let chat_template = chat_source
+        .map(|source| {
+            let bos = json_token(get_tc("bos_token")).unwrap_or_default();
+            let eos = json_token(get_tc("eos_token")).unwrap_or_default();
+            ChatTemplate::new(&source, &bos, &eos)
+        })
+        .transpose()?;
+
+    let mut eos_ids = json_ids(generation_config.as_ref().and_then(|g| g.get("eos_token_id")));
+    eos_ids.extend(json_ids(config_json.get("eos_token_id")));
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    let default_sampling = generation_config
+        .as_ref()
+        .map(sampling_from_generation_config)
+        .unwrap_or_default();
+    Ok(Model {
+        inner: Box::new(model),
+        tokenizer,
+        chat_template,
+        eos_ids,
+        default_sampling,
+        architecture,
+        path: dir.to_path_buf(),
+    })
+}
+
+/// transformers' defaults from `generation_config.json` (sampling only if `do_sample`).
+fn sampling_from_generation_config(g: &Json) -> SamplingParams {
+    let f = |key: &str| g.get(key).and_then(Json::as_f64);
+    let mut params = SamplingParams::default();
+    if g.get("do_sample").and_then(Json::as_bool) == Some(true) {
+        params.temperature = f("temperature").unwrap_or(1.0) as f32;
+        params.top_p = f("top_p").unwrap_or(1.0) as f32;
+        params.top_k = f("top_k").unwrap_or(0.0) as usize;
+        params.min_p = f("min_p").unwrap_or(0.0) as f32;
+    }
+    params.repetition_penalty = f("repetition_penalty").unwrap_or(1.0) as f32;
+    params
+}
+
+fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    let file = GgufFile::open(path)?;
+    let architecture = file
+        .architecture()
+        .ok_or_else(|| file.config_error("GGUF metadata lacks general.architecture"))?
+        .to_string();
+    if architecture != "llama" {
+        return Err(Error::UnknownArchitecture {
+            path: path.to_path_buf(),
+            architecture,
+        });
+    }
+    let vocab_size = file
+        .tensor_info("token_embd.weight")
+        .map(|t| t.shape()[0])
+        .ok_or_else(|| model_error(path)(ModelError::MissingTensor("token_embd.weight".into())))?;
+    let config = LlamaConfig::from_gguf(&file, &architecture, vocab_size).map_err(model_error(path))?;
+    let weights = GgufWeights {
+        file: &file,
+        name_map: llama::gguf_name,
+        unpermute_qk: Some((config.num_attention_heads, config.kv_heads())),
+    };
+    let model = Llama::load(&config, &weights, device, progress).map_err(model_error(path))?;
+
+    let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
+        Some(crate::tokenizer::from_gguf(&file).map_err(|reason| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason,
+        })?)
+    } else {
+        None
+    };
+    let token_text = |key: &str| {
+        let id = file.get(key)?.as_u64()? as usize;
+        file.get("tokenizer.ggml.tokens")?.as_array()?.get(id)?.as_str().map(str::to_string)
+    };
+    let chat_template = file
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .map(|source| {
+            ChatTemplate::new(
+                source,
+                &token_text("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+                &token_text("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+            )
+        })
+        .transpose()?;
+    let mut eos_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|k| file.get(k).and_then(Value::as_u64))
+        .map(|v| v as u32)
+        .collect();
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    Ok(Model {
+        inner: Box::new(model),
+        tokenizer,
+        chat_template,
+        eos_ids,
+        default_sampling: SamplingParams::default(),
+        architecture,
+        path: path.to_path_buf(),
+    })
+}

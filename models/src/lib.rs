@@ -1,0 +1,81 @@
+//! Model architectures for moera, one file each, in the style of candle-transformers.
+//!
+//! An architecture builds itself from a [`WeightSource`] (tensors by their Hugging Face
+//! names, whatever the file format) and runs as a [`CausalLm`] over a [`KvCache`].
+
+pub mod cache;
+pub mod llama;
+pub mod nn;
+pub mod rope;
+
+pub use cache::KvCache;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// Errors raised while building or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("tensor `{0}` is missing from the weights")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {found:?}, but the config implies {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("unsupported architecture `{0}`")]
+    UnsupportedArchitecture(String),
+    #[error("sequence of {requested} tokens exceeds the KV cache capacity of {capacity}")]
+    ContextOverflow { requested: usize, capacity: usize },
+    #[error("failed to read tensor `{name}`: {reason}")]
+    Weights { name: String, reason: String },
+}
+
+/// A source of weights addressed by Hugging Face tensor names.
+///
+/// Loaders (safetensors folders, GGUF files) implement it; they translate names and
+/// layouts so that every architecture sees the HF convention (`[out, in]` linear weights).
+pub trait WeightSource {
+    /// The tensor as f32 values with its shape, or [`ModelError::MissingTensor`].
+    fn tensor(&self, name: &str) -> Result<TensorData, ModelError>;
+    /// Whether the tensor exists (used for optional weights such as an untied head).
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Which positions the forward pass turns into logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Every position: scoring, perplexity, reference comparisons.
+    All,
+    /// Only the last position: generation, which needs nothing else.
+    Last,
+}
+
+/// A decoder-only language model.
+pub trait CausalLm: Send + Sync {
+    /// Number of entries in the vocabulary (width of the logits).
+    fn vocab_size(&self) -> usize;
+    /// Longest context the model was trained for.
+    fn max_context(&self) -> usize;
+    /// A KV cache for `batch` sequences of at most `capacity` tokens.
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache;
+    /// Runs `tokens` `[batch, seq]` after the tokens already in `cache`, appending to it.
+    /// Returns logits `[batch, seq or 1, vocab]`.
+    fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Tensor<3>, ModelError>;
+    /// The device the weights live on.
+    fn device(&self) -> Device;
+}
+
+/// Key/value lookups into file metadata, used to build configs from GGUF headers.
+pub trait Metadata {
+    fn get_u64(&self, key: &str) -> Option<u64>;
+    fn get_f64(&self, key: &str) -> Option<f64>;
+    fn get_str(&self, key: &str) -> Option<&str>;
+}
