@@ -12,7 +12,11 @@ use moera::engine::{
 };
 
 #[derive(Parser)]
-#[command(name = "moera", version, about = "Run Mixture-of-Experts and dense language models")]
+#[command(
+    name = "moera",
+    version,
+    about = "Run Mixture-of-Experts and dense language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,7 +163,11 @@ fn load(args: &ModelArgs) -> Result<Model> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
     let started = std::time::Instant::now();
     let model = Model::load_on(&path, &device, &mut |p| {
         bar.set_length(p.total as u64);
@@ -234,9 +242,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat(args) => {
             let model = load(&args.model)?;
-            let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
+            let mut messages: Vec<ChatMessage> =
+                args.system.iter().map(ChatMessage::system).collect();
             let stdin = std::io::stdin();
-            eprintln!("chatting with {} (empty line or Ctrl-D to quit)", model.path().display());
+            eprintln!(
+                "chatting with {} (empty line or Ctrl-D to quit)",
+                model.path().display()
+            );
             loop {
                 eprint!("> ");
                 let mut line = String::new();
@@ -278,7 +290,12 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             safetensors::serialize_to_file([("logits", view)], None, &args.out)
                 .with_context(|| format!("writing {}", args.out.display()))?;
-            eprintln!("wrote logits [{}, {}] to {}", ids.len(), model.vocab_size(), args.out.display());
+            eprintln!(
+                "wrote logits [{}, {}] to {}",
+                ids.len(),
+                model.vocab_size(),
+                args.out.display()
+            );
             Ok(())
         }
         Command::Perplexity(args) => {

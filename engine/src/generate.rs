@@ -131,7 +131,9 @@ impl Model {
         let ids = match prompt {
             Prompt::Text(text) => self.encode(text, true)?,
             // The template writes its special tokens itself, as transformers does.
-            Prompt::Chat(messages) => self.encode(&self.apply_chat_template(messages, true)?, false)?,
+            Prompt::Chat(messages) => {
+                self.encode(&self.apply_chat_template(messages, true)?, false)?
+            }
             Prompt::Ids(ids) => ids.clone(),
         };
         if ids.is_empty() {
@@ -143,6 +145,7 @@ impl Model {
 
     /// Starts a generation; tokens come as the iterator is advanced.
     pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<'_>> {
+        let sampler = Sampler::new(request.sampling.clone())?;
         let ids = self.prompt_ids(&request.prompt)?;
         let context = self.max_context();
         if ids.len() + request.max_tokens > context {
@@ -152,7 +155,6 @@ impl Model {
                 context,
             });
         }
-        let sampler = Sampler::new(request.sampling.clone())?;
         let cache = self.inner.new_cache(1, ids.len() + request.max_tokens);
         Ok(Generation {
             model: self,
@@ -162,7 +164,12 @@ impl Model {
             prompt_len: ids.len(),
             tokens: ids,
             max_tokens: request.max_tokens,
-            stop: request.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stop: request
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
             stop_at_eos: request.stop_at_eos,
             text: String::new(),
             emitted: 0,
@@ -245,7 +252,10 @@ impl Generation<'_> {
         let fed = self.cache.len();
         let new = &self.tokens[fed..];
         let input = token_tensor(new, 1, &self.model.device());
-        let logits = self.model.inner.forward(input, &mut self.cache, LogitsMode::Last)?;
+        let logits = self
+            .model
+            .inner
+            .forward(input, &mut self.cache, LogitsMode::Last)?;
         let mut logits = to_f32_vec(logits.into_data())?;
         Ok(self.sampler.sample(&mut logits, &self.tokens))
     }
@@ -259,7 +269,11 @@ impl Generation<'_> {
         let hit = self
             .stop
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|at| (search_from + at, s)))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|at| (search_from + at, s))
+            })
             .min_by_key(|(at, _)| *at);
         if let Some((at, stop)) = hit {
             let out = self.text[self.emitted.min(at)..at].to_string();

@@ -139,7 +139,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&end| end <= self.bytes.len());
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len());
         let Some(end) = end else {
             return Err(Error::Truncated {
                 path: self.path.to_path_buf(),
@@ -152,7 +155,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
@@ -451,7 +457,9 @@ pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Result<V
         _ => return Err(format!("cannot unpermute a tensor of shape {shape:?}")),
     };
     if heads == 0 || rows % (2 * heads) != 0 {
-        return Err(format!("{rows} rows do not split into {heads} rotary heads"));
+        return Err(format!(
+            "{rows} rows do not split into {heads} rotary heads"
+        ));
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;

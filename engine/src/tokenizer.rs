@@ -32,7 +32,10 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, String> {
         .and_then(Value::as_str)
         .ok_or("no tokenizer.ggml.model in metadata")?;
     let tokens: Vec<String> = string_array(file, "tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+    let types: Vec<i64> = match file
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+    {
         Some(values) => values.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
@@ -66,8 +69,12 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, String> {
             tokenizer
         }
         "llama" => {
-            let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-                Some(values) => values.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+            let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array)
+            {
+                Some(values) => values
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+                    .collect(),
                 None => vec![0.0; tokens.len()],
             };
             let merges = merges_from_scores(&tokens, &scores, &vocab);
@@ -125,7 +132,10 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, String> {
     if flag("tokenizer.ggml.add_bos_token", default_bos)
         && let Some(bos) = token_id("tokenizer.ggml.bos_token_id")
     {
-        let bos_text = tokens.get(bos as usize).cloned().ok_or("bos id outside the vocabulary")?;
+        let bos_text = tokens
+            .get(bos as usize)
+            .cloned()
+            .ok_or("bos id outside the vocabulary")?;
         single.push(bos_text.clone());
         specials.push((bos_text, bos));
     }
@@ -133,7 +143,10 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, String> {
     if flag("tokenizer.ggml.add_eos_token", false)
         && let Some(eos) = token_id("tokenizer.ggml.eos_token_id")
     {
-        let eos_text = tokens.get(eos as usize).cloned().ok_or("eos id outside the vocabulary")?;
+        let eos_text = tokens
+            .get(eos as usize)
+            .cloned()
+            .ok_or("eos id outside the vocabulary")?;
         single.push(eos_text.clone());
         specials.push((eos_text, eos));
     }
@@ -156,7 +169,11 @@ fn string_array(file: &GgufFile, key: &str) -> Result<Vec<String>, String> {
         .ok_or_else(|| format!("no `{key}` array in metadata"))?;
     values
         .iter()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("`{key}` holds a non-string")))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("`{key}` holds a non-string"))
+        })
         .collect()
 }
 
@@ -177,10 +194,16 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreSequence, String> {
             ByteLevel::new(false, true, true).into(),
         ],
         "llama3" | "llama-bpe" | "llama-v3" | "dbrx" | "smaug-bpe" => {
-            vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]
+            vec![
+                split(LLAMA3_REGEX)?,
+                ByteLevel::new(false, true, false).into(),
+            ]
         }
         "qwen2" | "deepseek-r1-qwen" => {
-            vec![split(QWEN2_REGEX)?, ByteLevel::new(false, true, false).into()]
+            vec![
+                split(QWEN2_REGEX)?,
+                ByteLevel::new(false, true, false).into(),
+            ]
         }
         other => {
             tracing::warn!("pre-tokenizer `{other}` unknown: using GPT-2's regex");
@@ -192,11 +215,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreSequence, String> {
 
 /// BPE merges equivalent to SentencePiece's score-ordered merging: every split of a vocabulary
 /// piece into two pieces is a merge, ranked by the score of the merged piece.
-fn merges_from_scores(
-    tokens: &[String],
-    scores: &[f32],
-    vocab: &Vocab,
-) -> Vec<(String, String)> {
+fn merges_from_scores(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
     let mut merges: Vec<(f32, u32, u32, &str, &str)> = Vec::new();
     for (piece, &score) in tokens.iter().zip(scores) {
         for (split, _) in piece.char_indices().skip(1) {
@@ -257,6 +276,8 @@ impl IncrementalDecoder {
     }
 
     fn decode(&self, tokenizer: &Tokenizer, from: usize, to: usize) -> String {
-        tokenizer.decode(&self.ids[from..to], false).unwrap_or_default()
+        tokenizer
+            .decode(&self.ids[from..to], false)
+            .unwrap_or_default()
     }
 }

@@ -85,7 +85,10 @@ impl KvCache {
             *slot = Some(updated);
             visible
         };
-        (write(&mut entry.keys, keys), write(&mut entry.values, values))
+        (
+            write(&mut entry.keys, keys),
+            write(&mut entry.values, values),
+        )
     }
 
     /// Marks `seq` new positions as filled, once every layer has appended them.

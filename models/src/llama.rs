@@ -86,7 +86,9 @@ impl LlamaConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let fail = |msg: String| Err(ModelError::Config(msg));
         if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {
-            return fail("hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
+            return fail(
+                "hidden_size, num_hidden_layers and num_attention_heads must be > 0".into(),
+            );
         }
         if self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
             return fail(format!(
@@ -96,18 +98,27 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
-            return fail(format!("head_dim ({}) must be even and > 0", self.head_dim()));
+            return fail(format!(
+                "head_dim ({}) must be even and > 0",
+                self.head_dim()
+            ));
         }
         if let Some(act) = self.hidden_act.as_deref()
             && act != "silu"
         {
-            return fail(format!("hidden_act `{act}` is not supported (expected silu)"));
+            return fail(format!(
+                "hidden_act `{act}` is not supported (expected silu)"
+            ));
         }
         self.rope_scaling().map(|_| ())
     }
 
     /// Builds the config from GGUF metadata of architecture `arch` (`llama`).
-    pub fn from_gguf(meta: &dyn Metadata, arch: &str, vocab_size: usize) -> Result<Self, ModelError> {
+    pub fn from_gguf(
+        meta: &dyn Metadata,
+        arch: &str,
+        vocab_size: usize,
+    ) -> Result<Self, ModelError> {
         let int = |key: &str| {
             meta.get_u64(&format!("{arch}.{key}"))
                 .map(|v| v as usize)
@@ -199,8 +210,14 @@ impl Attention {
             t.reshape([batch, seq, heads, self.head_dim])
                 .swap_dims(1, 2)
         };
-        let q = rope.apply(split_heads(self.q_proj.forward(x.clone()), self.heads), start);
-        let k = rope.apply(split_heads(self.k_proj.forward(x.clone()), self.kv_heads), start);
+        let q = rope.apply(
+            split_heads(self.q_proj.forward(x.clone()), self.heads),
+            start,
+        );
+        let k = rope.apply(
+            split_heads(self.k_proj.forward(x.clone()), self.kv_heads),
+            start,
+        );
         let v = split_heads(self.v_proj.forward(x), self.kv_heads);
         let (keys, values) = cache.append(layer, k, v);
         let context = grouped_attention(q, keys, values, start);
@@ -225,9 +242,7 @@ fn grouped_attention(q: Tensor<4>, keys: Tensor<4>, values: Tensor<4>, start: us
         scores = scores + causal_bias(group, seq, start, total, &values.device());
     }
     let probs = softmax(scores, 3);
-    probs
-        .matmul(values)
-        .reshape([batch, heads, seq, head_dim])
+    probs.matmul(values).reshape([batch, heads, seq, head_dim])
 }
 
 /// Additive mask `[1, 1, group·seq, total]`: `-inf` where a key lies after its query.
@@ -319,7 +334,13 @@ impl Llama {
             let mlp_bias = config.mlp_bias;
             let inter = config.intermediate_size;
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(source, &format!("{p}.input_layernorm.weight"), hidden, eps, device)?,
+                input_layernorm: RmsNorm::load(
+                    source,
+                    &format!("{p}.input_layernorm.weight"),
+                    hidden,
+                    eps,
+                    device,
+                )?,
                 self_attn: Attention {
                     q_proj: linear("self_attn.q_proj", hidden, heads * head_dim, attn_bias)?,
                     k_proj: linear("self_attn.k_proj", hidden, kv_heads * head_dim, attn_bias)?,
@@ -402,9 +423,12 @@ impl CausalLm for Llama {
         }
         let mut x = self.embed_tokens.forward(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer
-                .self_attn
-                .forward(layer.input_layernorm.forward(x.clone()), &self.rope, cache, i);
+            let attn = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                &self.rope,
+                cache,
+                i,
+            );
             x = x + attn;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }

@@ -30,7 +30,10 @@ pub fn load_checked<const D: usize>(
     expected: [usize; D],
     device: &Device,
 ) -> Result<Tensor<D>, ModelError> {
-    Ok(Tensor::from_data(checked_data(source, name, &expected)?, device))
+    Ok(Tensor::from_data(
+        checked_data(source, name, &expected)?,
+        device,
+    ))
 }
 
 /// A linear layer `y = x·Wᵀ + b`, with `W` kept transposed (`[in, out]`) for the matmul.

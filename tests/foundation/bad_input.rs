@@ -1,0 +1,280 @@
+//! Hostile and broken inputs give typed errors that name the file or tensor, never a panic.
+
+use std::path::Path;
+
+use moera::engine::{Error, GenerationRequest, Model};
+use moera_models::ModelError;
+
+use crate::common::*;
+
+fn load(path: &Path) -> Error {
+    Model::load_on(path, &flex(), &mut |_| {}).expect_err("loading must fail")
+}
+
+/// A minimal GGUF v3 file: one string key and the given tensor infos (name, dims, type,
+/// offset), followed by `data_len` zero bytes of tensor data.
+fn gguf_bytes(tensors: &[(&str, &[u64], u32, u64)], data_len: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    for (name, dims, kind, offset) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(kind.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    b.resize(b.len().div_ceil(32) * 32 + data_len, 0);
+    b
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn truncated_gguf_header() {
+    let dir = scratch();
+    let bytes = std::fs::read(fixtures().join("quants.gguf")).unwrap();
+    let path = write(dir.path(), "cut.gguf", &bytes[..100]);
+    match load(&path) {
+        Error::Truncated { path: p, .. } => assert_eq!(p, path),
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_gguf_data() {
+    let dir = scratch();
+    let bytes = std::fs::read(fixtures().join("quants.gguf")).unwrap();
+    let path = write(dir.path(), "cut.gguf", &bytes[..bytes.len() - 100]);
+    match load(&path) {
+        Error::TensorOutOfBounds { tensor, .. } => assert_eq!(tensor, "Q6_K"),
+        other => panic!("expected TensorOutOfBounds, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_magic() {
+    let dir = scratch();
+    let path = write(
+        dir.path(),
+        "model.gguf",
+        b"GGML\x03\0\0\0 not really a model",
+    );
+    assert!(matches!(load(&path), Error::BadMagic { .. }));
+    let path = write(dir.path(), "tiny.gguf", b"GG");
+    assert!(matches!(load(&path), Error::BadMagic { .. }));
+}
+
+#[test]
+fn tensor_data_out_of_bounds() {
+    let dir = scratch();
+    let bytes = gguf_bytes(&[("token_embd.weight", &[32, 4], 0, 1 << 40)], 512);
+    let path = write(dir.path(), "oob.gguf", &bytes);
+    match load(&path) {
+        Error::TensorOutOfBounds {
+            tensor, path: p, ..
+        } => {
+            assert_eq!(tensor, "token_embd.weight");
+            assert_eq!(p, path);
+        }
+        other => panic!("expected TensorOutOfBounds, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_tensor_type() {
+    let dir = scratch();
+    let bytes = gguf_bytes(&[("blk.0.attn_q.weight", &[32, 4], 77, 0)], 512);
+    match load(&write(dir.path(), "type.gguf", &bytes)) {
+        Error::UnknownTensorType {
+            tensor, type_id, ..
+        } => {
+            assert_eq!((tensor.as_str(), type_id), ("blk.0.attn_q.weight", 77));
+        }
+        other => panic!("expected UnknownTensorType, got {other:?}"),
+    }
+}
+
+#[test]
+fn absurd_counts_do_not_allocate() {
+    // A header claiming 2^60 metadata entries must fail fast, not try to allocate them.
+    let dir = scratch();
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    bytes.extend((1u64 << 60).to_le_bytes());
+    assert!(matches!(
+        load(&write(dir.path(), "huge.gguf", &bytes)),
+        Error::Truncated { .. }
+    ));
+}
+
+#[test]
+fn gguf_missing_tensor_names_it() {
+    let dir = scratch();
+    // Valid header and embedding, but no metadata for the architecture's sizes.
+    let bytes = gguf_bytes(&[("token_embd.weight", &[32, 4], 0, 0)], 512);
+    match load(&write(dir.path(), "partial.gguf", &bytes)) {
+        Error::Model {
+            source: ModelError::Config(reason),
+            ..
+        } => {
+            assert!(reason.contains("llama.attention.head_count"), "{reason}")
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-llama", dir.path());
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    match load(&model) {
+        Error::Safetensors { path, .. } => assert_eq!(path, weights),
+        other => panic!("expected Safetensors, got {other:?}"),
+    }
+}
+
+fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn missing_config_field() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-llama", dir.path());
+    edit_config(&model, |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    match load(&model) {
+        Error::Config { path, reason } => {
+            assert_eq!(path, model.join("config.json"));
+            assert!(reason.contains("hidden_size"), "{reason}");
+        }
+        other => panic!("expected Config, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-llama", dir.path());
+    edit_config(&model, |c| {
+        c["architectures"] = serde_json::json!(["FooForCausalLM"])
+    });
+    match load(&model) {
+        Error::UnknownArchitecture { architecture, .. } => {
+            assert_eq!(architecture, "FooForCausalLM")
+        }
+        other => panic!("expected UnknownArchitecture, got {other:?}"),
+    }
+}
+
+#[test]
+fn config_weight_shape_mismatch() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-llama", dir.path());
+    edit_config(&model, |c| c["intermediate_size"] = serde_json::json!(96));
+    match load(&model) {
+        Error::Model {
+            source:
+                ModelError::ShapeMismatch {
+                    name,
+                    expected,
+                    found,
+                },
+            path,
+        } => {
+            assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
+            assert_eq!((expected, found), (vec![96, 64], vec![128, 64]));
+            assert_eq!(path, model.join("model.safetensors"));
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn inconsistent_head_counts() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-llama", dir.path());
+    edit_config(&model, |c| c["num_key_value_heads"] = serde_json::json!(3));
+    assert!(matches!(
+        load(&model),
+        Error::Model {
+            source: ModelError::Config(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn missing_model_path() {
+    assert!(matches!(
+        load(Path::new("/no/such/model")),
+        Error::NotAModel(_)
+    ));
+}
+
+#[test]
+fn bad_requests() {
+    let model = load_on(&fixtures().join("tiny-llama"), &flex());
+    let generate = |request: GenerationRequest| model.generate(&request).err();
+    assert!(matches!(
+        generate(GenerationRequest::ids(vec![1, 600])),
+        Some(Error::TokenOutOfRange {
+            id: 600,
+            vocab: 512
+        })
+    ));
+    assert!(matches!(
+        generate(GenerationRequest::ids(vec![])),
+        Some(Error::EmptyPrompt)
+    ));
+    assert!(matches!(
+        generate(GenerationRequest::ids(vec![1; 250]).max_tokens(10)),
+        Some(Error::PromptTooLong {
+            prompt: 250,
+            max_new: 10,
+            context: 256
+        })
+    ));
+    // The tiny checkpoint has no tokenizer: text prompts are refused, ids work.
+    assert!(matches!(
+        generate(GenerationRequest::text("hello")),
+        Some(Error::NoTokenizer)
+    ));
+    let bad_sampling = moera::engine::SamplingParams {
+        top_p: 2.0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        generate(GenerationRequest::ids(vec![1]).sampling(bad_sampling)),
+        Some(Error::Sampling(_))
+    ));
+    assert!(matches!(
+        model.logits(&[1; 300]),
+        Err(Error::PromptTooLong { .. })
+    ));
+}

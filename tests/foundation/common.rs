@@ -1,0 +1,89 @@
+//! Shared helpers: fixture paths, reference tensors, comparisons.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use moera::engine::{Device, Model};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+/// Tensors of a reference `.safetensors` file, as f32 (ints converted).
+pub fn reference(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid reference file");
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("unexpected dtype {other:?} in {name}"),
+            };
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+pub fn ids(values: &[f64]) -> Vec<u32> {
+    values.iter().map(|&v| v as u32).collect()
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+pub fn load_on(path: &Path, device: &Device) -> Model {
+    Model::load_on(path, device, &mut |_| {})
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+pub fn flex() -> Device {
+    Device::flex()
+}
+
+/// The SmolLM2 GGUF from the model cache, or `None` (with a note) when it was not fetched.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let path = moera::engine::hub::resolve_model("smollm2");
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: SmolLM2 is not in the model cache ({}); run scripts/fetch-models.sh",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A scratch directory removed on drop.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
+}
+
+/// Copies a fixture model folder into a scratch directory for mutation.
+pub fn copy_fixture(name: &str, into: &Path) -> PathBuf {
+    let dest = into.join(name);
+    std::fs::create_dir_all(&dest).unwrap();
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
+    }
+    dest
+}

@@ -1,0 +1,10 @@
+//! Foundation tests: loading, Llama parity with transformers, GGUF, tokenizers, generation,
+//! the CLI, and bad input. One test binary for the whole area keeps CI link time small.
+
+mod bad_input;
+mod cli;
+mod common;
+mod generation;
+mod gguf;
+mod llama_parity;
+mod smollm2;
