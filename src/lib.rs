@@ -22,3 +22,8 @@
 
 pub use moera_engine as engine;
 pub use moera_models as models;
+
+/// Compiles the Rust examples of README.md as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -41,13 +41,15 @@ impl DeviceKind {
             return name.parse();
         }
         if cfg!(feature = "cuda") {
-            return Ok(Self::Cuda);
+            Ok(Self::Cuda)
+        } else if cfg!(feature = "flex") {
+            Ok(Self::Flex)
+        } else {
+            Self::available()
+                .first()
+                .copied()
+                .ok_or_else(|| Error::DeviceUnavailable("any".into()))
         }
-        Self::available()
-            .into_iter()
-            .rev()
-            .next()
-            .ok_or_else(|| Error::DeviceUnavailable("any".into()))
     }
 
     /// Opens the device (index 0 of its kind).

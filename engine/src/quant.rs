@@ -52,7 +52,8 @@ impl GgmlType {
     /// Bytes taken by `elements` values, or `None` if they do not fill whole blocks.
     pub fn byte_size(self, elements: u64) -> Option<u64> {
         let (per_block, bytes) = self.block();
-        (elements % per_block as u64 == 0)
+        elements
+            .is_multiple_of(per_block as u64)
             .then(|| (elements / per_block as u64).checked_mul(bytes as u64))
             .flatten()
     }

@@ -83,7 +83,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, String> {
                 .and_then(Value::as_u64)
                 .and_then(|id| tokens.get(id as usize).cloned());
             let mut builder = BPE::builder()
-                .vocab_and_merges(vocab.clone(), merges)
+                .vocab_and_merges(vocab, merges)
                 .byte_fallback(true)
                 .fuse_unk(true);
             if let Some(unk) = unk {

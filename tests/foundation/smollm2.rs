@@ -138,3 +138,31 @@ fn real_tensors_dequantize_like_the_gguf_package() {
         assert!(diff <= 1e-6, "{name}: {diff}");
     }
 }
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn greedy_continuation_matches_transformers_on_wgpu() {
+    let Some(path) = smollm2_path() else { return };
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    let model = load_on(&path, &device);
+    let reference = reference(&fixtures().join("smollm2_reference.safetensors"));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let logits = model.logits(&prompt).unwrap();
+    let diff = max_abs_diff(&logits, &reference["prompt_logits"].1);
+    eprintln!("wgpu max logit difference: {diff}");
+    assert!(diff < 1e-3, "max logit difference {diff}");
+    let request = GenerationRequest::ids(prompt)
+        .max_tokens(10)
+        .sampling(SamplingParams::greedy());
+    let generated: Vec<u32> = model
+        .generate(&request)
+        .unwrap()
+        .filter_map(|e| match e.unwrap() {
+            moera::engine::TokenEvent::Token { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(generated, ids(&reference["greedy_ids"].1));
+}
