@@ -108,3 +108,33 @@ fn smollm2_perplexity_command() {
         "{value} vs {expected}"
     );
 }
+
+#[test]
+fn interactive_chat_answers_from_stdin() {
+    if smollm2_path().is_none() {
+        return;
+    }
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moera"))
+        .args(["chat", "--model", "smollm2", "--max-tokens", "24"])
+        .env("MOERA_DEVICE", "flex")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("Paris"), "{stdout:?}");
+}

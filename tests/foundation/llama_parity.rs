@@ -63,3 +63,48 @@ fn tiny_llama_matches_transformers_on_wgpu() {
         check_parity(name, &device);
     }
 }
+
+#[test]
+fn bf16_weights_in_shards_match_transformers() {
+    // model.safetensors.index.json over two bf16 shards; transformers' reference is its f32
+    // forward over the same bf16-rounded weights.
+    let dir = fixtures().join("tiny-llama-bf16-sharded");
+    let reference = reference(&dir.join("reference.safetensors"));
+    let model = load_on(&dir, &flex());
+    let logits = model.logits(&ids(&reference["prompt_ids"].1)).unwrap();
+    let diff = max_abs_diff(&logits, &reference["logits"].1);
+    assert!(diff < LOGITS_TOLERANCE, "logits differ by {diff}");
+}
+
+#[test]
+fn hf_folder_tokenizer_and_chat_template_match_transformers() {
+    // tiny-llama weights beside SmolLM2's tokenizer.json, tokenizer_config.json and
+    // chat_template.jinja as transformers saves them; the ids are transformers' own.
+    let dir = scratch();
+    let folder = copy_fixture("tiny-llama", dir.path());
+    for entry in std::fs::read_dir(fixtures().join("smollm2-tokenizer")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), folder.join(entry.file_name())).unwrap();
+    }
+    let model = load_on(&folder, &flex());
+    let reference_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2_reference.json")).unwrap(),
+    )
+    .unwrap();
+    for sample in reference_json["tokenizer"].as_array().unwrap() {
+        let text = sample["text"].as_str().unwrap();
+        let expected: Vec<u32> = serde_json::from_value(sample["ids"].clone()).unwrap();
+        assert_eq!(
+            model.encode(text, false).unwrap(),
+            expected,
+            "ids of {text:?}"
+        );
+    }
+    let chat_ids =
+        ids(&reference(&fixtures().join("smollm2_reference.safetensors"))["chat_prompt_ids"].1);
+    let messages = [moera::engine::ChatMessage::user(
+        "What is the capital of France?",
+    )];
+    let prompt = model.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(model.encode(&prompt, false).unwrap(), chat_ids);
+}
