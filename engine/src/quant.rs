@@ -110,10 +110,7 @@ impl GgmlType {
                 let scales = &b[4..16];
                 let qs = &b[16..144];
                 for (chunk, (y, q)) in y.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
-                    let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-                    let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let [(d1, m1), (d2, m2)] = k4_sub_block_scales(chunk, d, dmin, scales);
                     for l in 0..32 {
                         y[l] = d1 * (q[l] & 0x0f) as f32 - m1;
                         y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
@@ -126,10 +123,7 @@ impl GgmlType {
                 let qh = &b[16..48];
                 let ql = &b[48..176];
                 for (chunk, (y, q)) in y.chunks_exact_mut(64).zip(ql.chunks_exact(32)).enumerate() {
-                    let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-                    let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let [(d1, m1), (d2, m2)] = k4_sub_block_scales(chunk, d, dmin, scales);
                     let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
                     for l in 0..32 {
                         let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
@@ -167,6 +161,14 @@ impl GgmlType {
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Scale and min of the two 32-value sub-blocks of 64-value `chunk` (Q4_K/Q5_K).
+fn k4_sub_block_scales(chunk: usize, d: f32, dmin: f32, scales: &[u8]) -> [(f32, f32); 2] {
+    [2 * chunk, 2 * chunk + 1].map(|j| {
+        let (scale, min) = scale_min_k4(j, scales);
+        (d * scale as f32, dmin * min as f32)
+    })
 }
 
 /// The 6-bit scale and min of sub-block `j` in the 12 packed scale bytes of Q4_K/Q5_K.

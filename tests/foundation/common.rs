@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use moera::engine::{Device, Model};
+use moera::engine::{Device, Model, TokenEvent};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -86,4 +86,22 @@ pub fn copy_fixture(name: &str, into: &Path) -> PathBuf {
         std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
     }
     dest
+}
+
+/// Token ids a greedy generation of `max_tokens` yields after `prompt`.
+pub fn greedy_ids(model: &Model, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let request = moera::engine::GenerationRequest::ids(prompt.to_vec())
+        .max_tokens(max_tokens)
+        .sampling(moera::engine::SamplingParams::greedy());
+    token_ids(model.generate(&request).expect("generate"))
+}
+
+/// The ids of the token events of a generation.
+pub fn token_ids(events: impl Iterator<Item = moera::engine::Result<TokenEvent>>) -> Vec<u32> {
+    events
+        .filter_map(|e| match e.expect("event") {
+            TokenEvent::Token { id, .. } => Some(id),
+            TokenEvent::Done { .. } => None,
+        })
+        .collect()
 }

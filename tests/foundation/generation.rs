@@ -7,15 +7,6 @@ use moera::engine::{FinishReason, GenerationRequest, SamplingParams, TokenEvent}
 
 use crate::common::*;
 
-fn token_ids(events: impl Iterator<Item = moera::engine::Result<TokenEvent>>) -> Vec<u32> {
-    events
-        .filter_map(|e| match e.unwrap() {
-            TokenEvent::Token { id, .. } => Some(id),
-            TokenEvent::Done { .. } => None,
-        })
-        .collect()
-}
-
 #[test]
 fn same_seed_reproduces_and_another_seed_differs() {
     let model = load_on(&fixtures().join("tiny-llama"), &flex());

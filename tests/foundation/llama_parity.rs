@@ -1,6 +1,6 @@
 //! Tiny random Llama checkpoints against the logits and greedy tokens of HF transformers.
 
-use moera::engine::{Device, GenerationRequest, SamplingParams, TokenEvent};
+use moera::engine::Device;
 
 use crate::common::*;
 
@@ -19,17 +19,7 @@ fn check_parity(name: &str, device: &Device) {
     let diff = max_abs_diff(&logits, expected_logits);
     assert!(diff < LOGITS_TOLERANCE, "{name}: logits differ by {diff}");
 
-    let request = GenerationRequest::ids(prompt)
-        .max_tokens(16)
-        .sampling(SamplingParams::greedy());
-    let generated: Vec<u32> = model
-        .generate(&request)
-        .expect("generate")
-        .filter_map(|e| match e.expect("event") {
-            TokenEvent::Token { id, .. } => Some(id),
-            TokenEvent::Done { .. } => None,
-        })
-        .collect();
+    let generated = greedy_ids(&model, &prompt, 16);
     assert_eq!(
         generated,
         ids(&reference["greedy_ids"].1),

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use moera::engine::gguf::GgufFile;
-use moera::engine::{ChatMessage, GenerationRequest, Model, SamplingParams};
+use moera::engine::{ChatMessage, GenerationRequest, Model};
 
 use crate::common::*;
 
@@ -47,17 +47,7 @@ fn prompt_logits_and_greedy_continuation_match_transformers() {
     // else (a wrong norm, rope or permutation moves logits by whole units).
     assert!(diff < 1e-3, "max logit difference {diff} (mean {mean})");
 
-    let request = GenerationRequest::ids(prompt)
-        .max_tokens(10)
-        .sampling(SamplingParams::greedy());
-    let generated: Vec<u32> = model
-        .generate(&request)
-        .unwrap()
-        .filter_map(|e| match e.unwrap() {
-            moera::engine::TokenEvent::Token { id, .. } => Some(id),
-            _ => None,
-        })
-        .collect();
+    let generated = greedy_ids(model, &prompt, 10);
     let expected = ids(&reference["greedy_ids"].1);
     assert_eq!(&generated[..5], &expected[..5], "first five greedy tokens");
     assert_eq!(generated, expected, "all ten greedy tokens");
@@ -153,16 +143,6 @@ fn greedy_continuation_matches_transformers_on_wgpu() {
     let diff = max_abs_diff(&logits, &reference["prompt_logits"].1);
     eprintln!("wgpu max logit difference: {diff}");
     assert!(diff < 1e-3, "max logit difference {diff}");
-    let request = GenerationRequest::ids(prompt)
-        .max_tokens(10)
-        .sampling(SamplingParams::greedy());
-    let generated: Vec<u32> = model
-        .generate(&request)
-        .unwrap()
-        .filter_map(|e| match e.unwrap() {
-            moera::engine::TokenEvent::Token { id, .. } => Some(id),
-            _ => None,
-        })
-        .collect();
+    let generated = greedy_ids(&model, &prompt, 10);
     assert_eq!(generated, ids(&reference["greedy_ids"].1));
 }
