@@ -48,13 +48,39 @@ pub fn resolve_model(name: &str) -> PathBuf {
 
 /// The snapshot folder of `org/name` in the Hugging Face hub cache, if downloaded before.
 pub fn hub_snapshot(repo_id: &str) -> Option<PathBuf> {
-    let (org, name) = repo_id.split_once('/')?;
     let hub = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
         .unwrap_or_else(|| home_dir().join(".cache").join("huggingface").join("hub"));
+    hub_snapshot_in(&hub, repo_id)
+}
+
+/// The snapshot of `org/name` that `refs/main` points to in the hub cache folder `hub`.
+pub fn hub_snapshot_in(hub: &Path, repo_id: &str) -> Option<PathBuf> {
+    let (org, name) = repo_id.split_once('/')?;
     let repo = hub.join(format!("models--{org}--{name}"));
     let revision = std::fs::read_to_string(repo.join("refs").join("main")).ok()?;
     let snapshot = repo.join("snapshots").join(revision.trim());
     snapshot.is_dir().then_some(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_snapshot_refs_main_points_to() {
+        let hub = std::env::temp_dir().join(format!("moera-hub-{}", std::process::id()));
+        let repo = hub.join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("snapshots").join("abc123")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "abc123\n").unwrap();
+        assert_eq!(
+            hub_snapshot_in(&hub, "org/tiny"),
+            Some(repo.join("snapshots").join("abc123"))
+        );
+        assert_eq!(hub_snapshot_in(&hub, "org/other"), None);
+        assert_eq!(hub_snapshot_in(&hub, "no-slash"), None);
+        std::fs::remove_dir_all(&hub).unwrap();
+    }
 }
