@@ -1,0 +1,36 @@
+//! moera's in-process vector index: an HNSW graph in a flat, hnswlib-like layout
+//! (fixed-size neighbour blocks per node, vectors contiguous), with payload-style filters
+//! applied during the graph traversal.
+//!
+//! ```
+//! use moera_index::{Hnsw, HnswParams, Metric};
+//!
+//! let mut index = Hnsw::new(3, Metric::Cosine, HnswParams::default());
+//! index.insert(&[1.0, 0.0, 0.0]).unwrap();
+//! index.insert(&[0.0, 1.0, 0.0]).unwrap();
+//! let hits = index.search(&[0.9, 0.1, 0.0], 1, 16, None).unwrap();
+//! assert_eq!(hits[0].id, 0);
+//! ```
+
+pub mod distance;
+pub mod hnsw;
+pub mod npy;
+
+pub use distance::Metric;
+pub use hnsw::{Hit, Hnsw, HnswParams};
+
+/// Errors of the index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("vector has {found} dimensions, the index {expected}")]
+    Dimension { expected: usize, found: usize },
+    #[error("vector contains a NaN or infinite value")]
+    NonFinite,
+    #[error("the index holds at most {0} points")]
+    Full(usize),
+    #[error("{path}: {reason}")]
+    Npy {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
