@@ -91,7 +91,7 @@ impl Visited {
 
 /// A filter on point ids, checked during traversal: rejected points still guide the walk
 /// but never enter the results.
-pub type Filter<'a> = &'a (dyn Fn(u32) -> bool + Sync);
+pub type NodeFilter<'a> = &'a (dyn Fn(u32) -> bool + Sync);
 
 /// An HNSW index over vectors of one dimension and metric. Ids are insertion order.
 pub struct Hnsw {
@@ -339,7 +339,7 @@ impl Hnsw {
         entry: Scored,
         ef: usize,
         level: usize,
-        filter: Option<Filter<'_>>,
+        filter: Option<NodeFilter<'_>>,
     ) -> Vec<Scored> {
         let accept = |id: u32| filter.is_none_or(|f| f(id));
         let mut visited = self
@@ -394,7 +394,7 @@ impl Hnsw {
         query: &[f32],
         k: usize,
         ef: usize,
-        filter: Option<Filter<'_>>,
+        filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Hit>, IndexError> {
         self.check(query)?;
         let Some(entry) = self.entry else {
@@ -426,7 +426,7 @@ impl Hnsw {
         queries: &[&[f32]],
         k: usize,
         ef: usize,
-        filter: Option<Filter<'_>>,
+        filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Vec<Hit>>, IndexError> {
         queries
             .par_iter()
@@ -440,7 +440,7 @@ impl Hnsw {
         &self,
         query: &[f32],
         k: usize,
-        filter: Option<Filter<'_>>,
+        filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Hit>, IndexError> {
         self.check(query)?;
         let mut query = query.to_vec();

@@ -12,11 +12,15 @@
 //! assert_eq!(hits[0].id, 0);
 //! ```
 
+pub mod collection;
 pub mod distance;
+pub mod filter;
 pub mod hnsw;
 pub mod npy;
 
+pub use collection::{Collection, CollectionConfig, Point, ScoredPoint};
 pub use distance::Metric;
+pub use filter::Filter;
 pub use hnsw::{Hit, Hnsw, HnswParams};
 
 /// Errors of the index.
