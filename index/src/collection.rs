@@ -168,6 +168,51 @@ impl Collection {
     }
 }
 
+impl Collection {
+    pub(crate) fn graph(&self) -> &Hnsw {
+        &self.graph
+    }
+
+    /// Each graph node's point id and payload, `None` for tombstones.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = Option<(u64, &Value)>> {
+        self.slots
+            .iter()
+            .map(|s| s.as_ref().map(|s| (s.id, &s.payload)))
+    }
+
+    pub(crate) fn from_parts(
+        config: CollectionConfig,
+        graph: Hnsw,
+        slots: Vec<Option<(u64, Value)>>,
+    ) -> Result<Self, String> {
+        if slots.len() != graph.len() {
+            return Err(format!(
+                "{} points for {} graph nodes",
+                slots.len(),
+                graph.len()
+            ));
+        }
+        let mut nodes = BTreeMap::new();
+        for (node, slot) in slots.iter().enumerate() {
+            if let Some((id, _)) = slot
+                && nodes.insert(*id, node as u32).is_some()
+            {
+                return Err(format!("point {id} is stored twice"));
+            }
+        }
+        let slots = slots
+            .into_iter()
+            .map(|s| s.map(|(id, payload)| Slot { id, payload }))
+            .collect();
+        Ok(Self {
+            config,
+            graph,
+            slots,
+            nodes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -469,6 +469,104 @@ impl Hnsw {
     }
 }
 
+/// The arrays of a graph, for saving and loading it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HnswParts {
+    pub vectors: Vec<f32>,
+    pub levels: Vec<u8>,
+    pub layer0: Vec<u32>,
+    /// Every node's upper-layer blocks, concatenated in node order.
+    pub upper: Vec<u32>,
+    pub entry: Option<u32>,
+}
+
+impl Hnsw {
+    pub(crate) fn params(&self) -> HnswParams {
+        self.params
+    }
+
+    pub(crate) fn to_parts(&self) -> HnswParts {
+        HnswParts {
+            vectors: self.vectors.clone(),
+            levels: self.levels.clone(),
+            layer0: self.layer0.clone(),
+            upper: self.upper.concat(),
+            entry: self.entry,
+        }
+    }
+
+    /// Rebuilds a graph from saved arrays, checking that they fit together so that a
+    /// corrupt file cannot cause an out-of-bounds access later.
+    pub(crate) fn from_parts(
+        dim: usize,
+        metric: Metric,
+        params: HnswParams,
+        parts: HnswParts,
+    ) -> Result<Self, String> {
+        let mut graph = Self::new(dim, metric, params);
+        let n = parts.levels.len();
+        if parts.vectors.len() != n * dim {
+            return Err(format!(
+                "{} vector values for {n} points of dimension {dim}",
+                parts.vectors.len()
+            ));
+        }
+        if parts.layer0.len() != n * graph.block0() {
+            return Err("layer-0 links do not match the point count".into());
+        }
+        let upper_len: usize = parts
+            .levels
+            .iter()
+            .map(|&l| l as usize * graph.block_upper())
+            .sum();
+        if parts.upper.len() != upper_len || parts.levels.iter().any(|&l| l as usize > MAX_LEVEL) {
+            return Err("upper-layer links do not match the node levels".into());
+        }
+        let max_level = match parts.entry {
+            Some(entry) if (entry as usize) < n => parts.levels[entry as usize] as usize,
+            None if n == 0 => 0,
+            _ => {
+                return Err(format!(
+                    "entry point {:?} is invalid for {n} points",
+                    parts.entry
+                ));
+            }
+        };
+        if parts.levels.iter().any(|&l| l as usize > max_level) {
+            return Err("a node lies above the entry point's level".into());
+        }
+        let mut rest = parts.upper.as_slice();
+        graph.upper = parts
+            .levels
+            .iter()
+            .map(|&l| {
+                let (block, tail) = rest.split_at(l as usize * graph.block_upper());
+                rest = tail;
+                block.to_vec()
+            })
+            .collect();
+        graph.vectors = parts.vectors;
+        graph.layer0 = parts.layer0;
+        graph.levels = parts.levels;
+        graph.entry = parts.entry;
+        graph.max_level = max_level;
+        for id in 0..n as u32 {
+            for level in 0..=graph.levels[id as usize] as usize {
+                let block = graph.block(id, level);
+                let count = block[0] as usize;
+                if count > graph.max_links(level)
+                    || block[1..1 + count].iter().any(|&x| x as usize >= n)
+                {
+                    return Err(format!("links of node {id} on layer {level} are invalid"));
+                }
+            }
+        }
+        // Fresh level draws after a reload; any seed keeps the graph valid.
+        graph.rng = StdRng::seed_from_u64(params.seed.wrapping_add(n as u64));
+        Ok(graph)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

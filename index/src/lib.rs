@@ -17,11 +17,13 @@ pub mod distance;
 pub mod filter;
 pub mod hnsw;
 pub mod npy;
+pub mod store;
 
 pub use collection::{Collection, CollectionConfig, Point, ScoredPoint};
 pub use distance::Metric;
 pub use filter::Filter;
 pub use hnsw::{Hit, Hnsw, HnswParams};
+pub use store::{DurableCollection, OpenReport, StoreError};
 
 /// Errors of the index.
 #[derive(Debug, thiserror::Error)]
