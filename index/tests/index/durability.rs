@@ -79,7 +79,12 @@ fn acknowledged_writes_survive_sigkill() {
     let mut pending = BTreeSet::new();
     for round in 0..20u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "durability::crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_DIR, &dir)
             .env(CHILD_BASE, (round * 1_000_000).to_string())
             .stdout(Stdio::piped())
