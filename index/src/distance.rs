@@ -36,41 +36,33 @@ impl Metric {
 
 const LANES: usize = 8;
 
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `Σ term(aᵢ, bᵢ)` over eight independent accumulators, which the compiler turns into SIMD.
+#[inline(always)]
+fn sum_lanes(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| term(x, y))
         .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for i in 0..LANES {
-            acc[i] += x[i] * y[i];
+            acc[i] += term(x[i], y[i]);
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
 #[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum_lanes(a, b, |x, y| x * y)
+}
+
+#[inline]
 pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for i in 0..LANES {
-            let d = x[i] - y[i];
-            acc[i] += d * d;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    sum_lanes(a, b, |x, y| (x - y) * (x - y))
 }
 
 #[cfg(test)]
