@@ -116,10 +116,10 @@ impl Record {
     }
 
     fn decode(body: &[u8], dim: usize) -> Option<Record> {
-        let id = u64::from_le_bytes(body.get(1..9)?.try_into().ok()?);
+        let id = le_u64(body, 1)?;
         match body.first()? {
             1 => {
-                let len = u32::from_le_bytes(body.get(9..13)?.try_into().ok()?) as usize;
+                let len = le_u32(body, 9)? as usize;
                 let payload = serde_json::from_slice(body.get(13..13 + len)?).ok()?;
                 let raw = body.get(13 + len..)?;
                 if raw.len() != dim * 4 {
@@ -176,16 +176,12 @@ impl DurableCollection {
         let mut report = OpenReport::default();
         let mut at = 0usize;
         while at < bytes.len() {
-            let header = bytes.get(at..at + 8);
-            let len = header.map(|h| u32::from_le_bytes(h[0..4].try_into().unwrap()) as usize);
+            let len = le_u32(&bytes, at).map(|len| len as usize);
+            let crc = le_u32(&bytes, at + 4);
             let body = len.and_then(|len| bytes.get(at + 8..at + 8 + len));
             let end = at + 8 + len.unwrap_or(0);
-            let valid = match (header, body) {
-                (Some(h), Some(body)) => {
-                    u32::from_le_bytes(h[4..8].try_into().unwrap()) == crc32fast::hash(body)
-                }
-                _ => false,
-            };
+            let valid =
+                matches!((crc, body), (Some(crc), Some(body)) if crc == crc32fast::hash(body));
             if !valid {
                 // Only the last record can be torn by a crash; damage before it is corruption.
                 if body.is_some() && end < bytes.len() {
@@ -321,6 +317,16 @@ fn apply(collection: &mut Collection, record: Record) -> Result<()> {
     Ok(())
 }
 
+/// The little-endian u32 at `at`, if the bytes are there.
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The little-endian u64 at `at`, if the bytes are there.
+fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
 fn metric_code(metric: Metric) -> u32 {
     match metric {
         Metric::Cosine => 0,
@@ -397,17 +403,16 @@ fn read_checkpoint(path: &Path) -> Result<Collection> {
     if bytes.len() < 12 || &bytes[..8] != MAGIC {
         return Err(corrupt(path, "not a moera collection file (bad magic)"));
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    let version = le_u32(&bytes, 8).unwrap_or_default();
     if version != VERSION {
         return Err(corrupt(path, format!("unsupported version {version}")));
     }
     let mut at = 12;
     let mut next = |name: &str| -> Result<&[u8]> {
-        let head = bytes
-            .get(at..at + 12)
-            .ok_or_else(|| corrupt(path, format!("truncated before section {name}")))?;
-        let len = u64::from_le_bytes(head[0..8].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(head[8..12].try_into().unwrap());
+        let (Some(len), Some(crc)) = (le_u64(&bytes, at), le_u32(&bytes, at + 8)) else {
+            return Err(corrupt(path, format!("truncated before section {name}")));
+        };
+        let len = len as usize;
         let body = at
             .checked_add(12 + len)
             .and_then(|end| bytes.get(at + 12..end))
@@ -422,7 +427,7 @@ fn read_checkpoint(path: &Path) -> Result<Collection> {
     if header.len() != 28 {
         return Err(corrupt(path, "header has the wrong size"));
     }
-    let field = |i: usize| u32::from_le_bytes(header[4 * i..4 * i + 4].try_into().unwrap());
+    let field = |i: usize| le_u32(header, 4 * i).unwrap_or_default();
     let metric = match field(1) {
         0 => Metric::Cosine,
         1 => Metric::Dot,
@@ -435,7 +440,7 @@ fn read_checkpoint(path: &Path) -> Result<Collection> {
         hnsw: HnswParams {
             m: field(2) as usize,
             ef_construction: field(3) as usize,
-            seed: u64::from_le_bytes(header[20..28].try_into().unwrap()),
+            seed: le_u64(header, 20).unwrap_or_default(),
         },
     };
     let entry = Some(field(4)).filter(|&e| e != u32::MAX);
@@ -462,20 +467,8 @@ fn read_checkpoint(path: &Path) -> Result<Collection> {
                 i += 1;
             }
             1 => {
-                let id = u64::from_le_bytes(
-                    slot_bytes
-                        .get(i + 1..i + 9)
-                        .ok_or_else(bad)?
-                        .try_into()
-                        .unwrap(),
-                );
-                let len = u32::from_le_bytes(
-                    slot_bytes
-                        .get(i + 9..i + 13)
-                        .ok_or_else(bad)?
-                        .try_into()
-                        .unwrap(),
-                ) as usize;
+                let id = le_u64(slot_bytes, i + 1).ok_or_else(bad)?;
+                let len = le_u32(slot_bytes, i + 9).ok_or_else(bad)? as usize;
                 let text = slot_bytes.get(i + 13..i + 13 + len).ok_or_else(bad)?;
                 let payload = serde_json::from_slice(text).map_err(|_| bad())?;
                 slots.push(Some((id, payload)));
