@@ -66,6 +66,8 @@ pub enum Error {
         max_new: usize,
         context: usize,
     },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
     #[error("device `{0}` is not compiled in (enable the cargo feature of the same name)")]

@@ -159,7 +159,7 @@ impl Model {
     /// its tokens 1..n-1 given the earlier tokens of the same window (llama.cpp's definition).
     pub fn perplexity(&self, ids: &[u32], ctx: usize) -> Result<Perplexity> {
         if ctx < 2 {
-            return Err(Error::Sampling(format!(
+            return Err(Error::InvalidArgument(format!(
                 "perplexity context must be >= 2, got {ctx}"
             )));
         }
