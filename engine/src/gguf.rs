@@ -43,7 +43,6 @@ impl Value {
             Value::I16(v) => u64::try_from(v).ok(),
             Value::I32(v) => u64::try_from(v).ok(),
             Value::I64(v) => u64::try_from(v).ok(),
-            Value::Bool(v) => Some(v.into()),
             _ => None,
         }
     }
