@@ -11,6 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use crate::column::Column;
+use crate::quant::ScalarQuantizer;
 use crate::{IndexError, Metric};
 
 /// Graph parameters, as in hnswlib.
@@ -42,7 +44,7 @@ pub struct Hit {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Scored {
+pub(crate) struct Scored {
     distance: f32,
     id: u32,
 }
@@ -94,21 +96,41 @@ impl Visited {
 pub type NodeFilter<'a> = &'a (dyn Fn(u32) -> bool + Sync);
 
 /// An HNSW index over vectors of one dimension and metric. Ids are insertion order.
+///
+/// Its arrays may be memory-mapped from a checkpoint (see [`crate::store`]); links read from
+/// a file are bounds-checked where they are followed, so a damaged file cannot cause an
+/// out-of-bounds access.
 pub struct Hnsw {
     dim: usize,
     metric: Metric,
     params: HnswParams,
-    vectors: Vec<f32>,
-    layer0: Vec<u32>,
-    upper: Vec<Vec<u32>>,
-    levels: Vec<u8>,
+    pub(crate) vectors: Column<f32>,
+    /// Per node: `[count, id × 2M]`.
+    pub(crate) layer0: Column<u32>,
+    pub(crate) levels: Column<u8>,
+    /// Per node with level L > 0: L blocks `[count, id × M]`, in node order.
+    pub(crate) upper: Column<u32>,
+    /// Where each node's upper blocks start in `upper`.
+    upper_start: Vec<usize>,
+    pub(crate) quantizer: Option<ScalarQuantizer>,
+    /// int8 codes of every vector once `quantizer` is set.
+    pub(crate) codes: Column<i8>,
     entry: Option<u32>,
     max_level: usize,
-    rng: StdRng,
+    rng: Mutex<StdRng>,
     visited_pool: Mutex<Vec<Visited>>,
 }
 
 const MAX_LEVEL: usize = 16;
+
+/// Where a new vector will be linked, found by searching the graph (the expensive part of an
+/// insert, done with shared access so that searches and other plans run beside it).
+pub(crate) struct Plan {
+    vector: Vec<f32>,
+    level: usize,
+    /// Chosen neighbours on each level from 0 up.
+    links: Vec<Vec<Scored>>,
+}
 
 impl Hnsw {
     pub fn new(dim: usize, metric: Metric, params: HnswParams) -> Self {
@@ -121,13 +143,16 @@ impl Hnsw {
             dim,
             metric,
             params,
-            vectors: Vec::new(),
-            layer0: Vec::new(),
-            upper: Vec::new(),
-            levels: Vec::new(),
+            vectors: Column::default(),
+            layer0: Column::default(),
+            levels: Column::default(),
+            upper: Column::default(),
+            upper_start: Vec::new(),
+            quantizer: None,
+            codes: Column::default(),
             entry: None,
             max_level: 0,
-            rng: StdRng::seed_from_u64(params.seed),
+            rng: Mutex::new(StdRng::seed_from_u64(params.seed)),
             visited_pool: Mutex::new(Vec::new()),
         }
     }
@@ -137,7 +162,7 @@ impl Hnsw {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.levels.is_empty()
+        self.len() == 0
     }
 
     pub fn dim(&self) -> usize {
@@ -148,10 +173,17 @@ impl Hnsw {
         self.metric
     }
 
+    pub fn params(&self) -> HnswParams {
+        self.params
+    }
+
+    pub(crate) fn entry(&self) -> Option<u32> {
+        self.entry
+    }
+
     /// The stored (for cosine: normalized) vector of `id`.
     pub fn vector(&self, id: u32) -> &[f32] {
-        let start = id as usize * self.dim;
-        &self.vectors[start..start + self.dim]
+        self.vectors.slice(id as usize * self.dim, self.dim)
     }
 
     fn block0(&self) -> usize {
@@ -170,33 +202,39 @@ impl Hnsw {
         }
     }
 
-    fn block(&self, id: u32, level: usize) -> &[u32] {
+    fn block_start(&self, id: u32, level: usize) -> usize {
         if level == 0 {
-            let size = self.block0();
-            &self.layer0[id as usize * size..(id as usize + 1) * size]
+            id as usize * self.block0()
         } else {
-            let size = self.block_upper();
-            &self.upper[id as usize][(level - 1) * size..level * size]
-        }
-    }
-
-    fn block_mut(&mut self, id: u32, level: usize) -> &mut [u32] {
-        if level == 0 {
-            let size = self.block0();
-            &mut self.layer0[id as usize * size..(id as usize + 1) * size]
-        } else {
-            let size = self.block_upper();
-            &mut self.upper[id as usize][(level - 1) * size..level * size]
+            self.upper_start[id as usize] + (level - 1) * self.block_upper()
         }
     }
 
     fn neighbors(&self, id: u32, level: usize) -> &[u32] {
-        let block = self.block(id, level);
-        &block[1..1 + block[0] as usize]
+        let start = self.block_start(id, level);
+        let size = if level == 0 {
+            self.block0()
+        } else {
+            self.block_upper()
+        };
+        let block = if level == 0 {
+            self.layer0.slice(start, size)
+        } else {
+            self.upper.slice(start, size)
+        };
+        let count = (block[0] as usize).min(size - 1);
+        &block[1..1 + count]
     }
 
     fn set_neighbors(&mut self, id: u32, level: usize, ids: impl ExactSizeIterator<Item = u32>) {
-        let block = self.block_mut(id, level);
+        let start = self.block_start(id, level);
+        let block = if level == 0 {
+            let size = self.block0();
+            self.layer0.slice_mut(start, size)
+        } else {
+            let size = self.block_upper();
+            self.upper.slice_mut(start, size)
+        };
         block[0] = ids.len() as u32;
         for (slot, n) in block[1..].iter_mut().zip(ids) {
             *slot = n;
@@ -220,52 +258,112 @@ impl Hnsw {
         Ok(())
     }
 
-    fn random_level(&mut self) -> usize {
+    fn random_level(&self) -> usize {
         let multiplier = 1.0 / (self.params.m as f64).ln();
-        let uniform: f64 = 1.0 - self.rng.random::<f64>(); // (0, 1]
+        let draw: f64 = self
+            .rng
+            .lock()
+            .map(|mut rng| rng.random())
+            .unwrap_or_default();
+        let uniform = 1.0 - draw; // (0, 1]
         ((-uniform.ln() * multiplier) as usize).min(MAX_LEVEL)
     }
 
     /// Adds a vector and returns its id.
     pub fn insert(&mut self, vector: &[f32]) -> Result<u32, IndexError> {
+        let plan = self.plan(vector, self.random_level())?;
+        self.apply(plan)
+    }
+
+    /// Adds many vectors, searching for their links in parallel; returns the first new id.
+    ///
+    /// Vectors are added in chunks that are small next to the graph (1/40 of it): a chunk's
+    /// vectors are linked to the graph as it was before the chunk, which costs no measurable
+    /// recall at that ratio and lets every core search.
+    pub fn insert_batch(&mut self, vectors: &[&[f32]]) -> Result<u32, IndexError> {
+        let first = self.len() as u32;
+        let mut rest = vectors;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(self.chunk_size().min(rest.len()));
+            for plan in self.plan_batch(chunk)? {
+                self.apply(plan)?;
+            }
+            rest = tail;
+        }
+        Ok(first)
+    }
+
+    /// How many vectors [`insert_batch`](Self::insert_batch) links against the same graph.
+    pub(crate) fn chunk_size(&self) -> usize {
+        (self.len() / 40).clamp(1, 1024)
+    }
+
+    /// Plans for several vectors, found in parallel; levels are drawn in order, so a build
+    /// is reproducible.
+    pub(crate) fn plan_batch(&self, vectors: &[&[f32]]) -> Result<Vec<Plan>, IndexError> {
+        let levels: Vec<usize> = vectors.iter().map(|_| self.random_level()).collect();
+        vectors
+            .par_iter()
+            .zip(levels)
+            .map(|(v, level)| self.plan(v, level))
+            .collect()
+    }
+
+    /// Searches the graph for the neighbours of a new vector on each of its levels.
+    pub(crate) fn plan(&self, vector: &[f32], level: usize) -> Result<Plan, IndexError> {
         self.check(vector)?;
+        let mut stored = vector.to_vec();
+        self.metric.prepare(&mut stored);
+        let mut links = vec![Vec::new(); level + 1];
+        if let Some(entry) = self.entry {
+            let exact = |id: u32| self.distance_to(&stored, id);
+            let mut nearest = Scored {
+                distance: exact(entry),
+                id: entry,
+            };
+            for l in (level + 1..=self.max_level).rev() {
+                nearest = self.greedy(&exact, nearest, l);
+            }
+            for l in (0..=level.min(self.max_level)).rev() {
+                let found =
+                    self.search_layer(&exact, nearest, self.params.ef_construction, l, None);
+                links[l] = self.select_neighbors(&found, self.params.m);
+                nearest = found[0];
+            }
+        }
+        Ok(Plan {
+            vector: stored,
+            level,
+            links,
+        })
+    }
+
+    /// Adds a planned vector: its own links, and links back to it from its neighbours.
+    pub(crate) fn apply(&mut self, plan: Plan) -> Result<u32, IndexError> {
         let id = u32::try_from(self.len())
             .ok()
             .filter(|&id| id < u32::MAX)
             .ok_or(IndexError::Full(u32::MAX as usize))?;
-        let mut stored = vector.to_vec();
-        self.metric.prepare(&mut stored);
-        self.vectors.extend_from_slice(&stored);
-        let level = self.random_level();
-        self.levels.push(level as u8);
-        let block0 = self.block0();
-        self.layer0.extend(std::iter::repeat_n(0, block0));
-        self.upper.push(vec![0; level * self.block_upper()]);
-
-        let Some(entry) = self.entry else {
-            self.entry = Some(id);
-            self.max_level = level;
-            return Ok(id);
-        };
-        let mut nearest = Scored {
-            distance: self.distance_to(&stored, entry),
-            id: entry,
-        };
-        for l in (level + 1..=self.max_level).rev() {
-            nearest = self.greedy(&stored, nearest, l);
+        self.vectors.extend_from_slice(&plan.vector);
+        if let Some(quantizer) = &self.quantizer {
+            let mut codes = Vec::with_capacity(self.dim);
+            quantizer.encode(&plan.vector, &mut codes);
+            self.codes.extend_from_slice(&codes);
         }
-        for l in (0..=level.min(self.max_level)).rev() {
-            let found = self.search_layer(&stored, nearest, self.params.ef_construction, l, None);
-            let links = self.select_neighbors(&found, self.params.m);
-            self.set_neighbors(id, l, links.iter().map(|s| s.id));
-            for link in &links {
-                self.connect(link.id, id, link.distance, l);
+        self.levels.push(plan.level as u8);
+        self.upper_start.push(self.upper.len());
+        self.upper
+            .extend_from_slice(&vec![0; plan.level * self.block_upper()]);
+        self.layer0.extend_from_slice(&vec![0; self.block0()]);
+        for (level, links) in plan.links.iter().enumerate() {
+            self.set_neighbors(id, level, links.iter().map(|s| s.id));
+            for link in links {
+                self.connect(link.id, id, link.distance, level);
             }
-            nearest = found[0];
         }
-        if level > self.max_level {
+        if self.entry.is_none() || plan.level > self.max_level {
             self.entry = Some(id);
-            self.max_level = level;
+            self.max_level = plan.level;
         }
         Ok(id)
     }
@@ -273,11 +371,16 @@ impl Hnsw {
     /// Adds `new` to the links of `node`, pruning with the heuristic when full.
     fn connect(&mut self, node: u32, new: u32, distance: f32, level: usize) {
         let max = self.max_links(level);
-        let current = self.neighbors(node, level);
+        let len = self.len();
+        let current: Vec<u32> = self
+            .neighbors(node, level)
+            .iter()
+            .copied()
+            .filter(|&n| (n as usize) < len)
+            .collect();
         if current.len() < max {
-            let mut links = current.to_vec();
-            links.push(new);
-            self.set_neighbors(node, level, links.into_iter());
+            let links = current.into_iter().chain([new]);
+            self.set_neighbors(node, level, links.collect::<Vec<_>>().into_iter());
             return;
         }
         let base = self.vector(node);
@@ -316,13 +419,17 @@ impl Hnsw {
         kept
     }
 
-    fn greedy(&self, query: &[f32], mut nearest: Scored, level: usize) -> Scored {
+    fn greedy(&self, distance: &impl Fn(u32) -> f32, mut nearest: Scored, level: usize) -> Scored {
+        let len = self.len();
         loop {
             let mut moved = false;
             for &n in self.neighbors(nearest.id, level) {
-                let distance = self.distance_to(query, n);
-                if distance < nearest.distance {
-                    nearest = Scored { distance, id: n };
+                if n as usize >= len {
+                    continue;
+                }
+                let d = distance(n);
+                if d < nearest.distance {
+                    nearest = Scored { distance: d, id: n };
                     moved = true;
                 }
             }
@@ -335,13 +442,14 @@ impl Hnsw {
     /// Best-first search of one layer from `entry`; returns up to `ef` accepted points, closest first.
     fn search_layer(
         &self,
-        query: &[f32],
+        distance: &impl Fn(u32) -> f32,
         entry: Scored,
         ef: usize,
         level: usize,
         filter: Option<NodeFilter<'_>>,
     ) -> Vec<Scored> {
         let accept = |id: u32| filter.is_none_or(|f| f(id));
+        let len = self.len();
         let mut visited = self
             .visited_pool
             .lock()
@@ -349,7 +457,7 @@ impl Hnsw {
             .ok()
             .flatten()
             .unwrap_or_default();
-        visited.reset(self.len());
+        visited.reset(len);
         visited.insert(entry.id);
         let mut candidates = BinaryHeap::from([Reverse(entry)]);
         let mut results = BinaryHeap::new();
@@ -364,13 +472,13 @@ impl Hnsw {
                 break;
             }
             for &n in self.neighbors(candidate.id, level) {
-                if !visited.insert(n) {
+                if n as usize >= len || !visited.insert(n) {
                     continue;
                 }
-                let distance = self.distance_to(query, n);
+                let d = distance(n);
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.distance);
-                if results.len() < ef || distance < worst {
-                    let scored = Scored { distance, id: n };
+                if results.len() < ef || d < worst {
+                    let scored = Scored { distance: d, id: n };
                     candidates.push(Reverse(scored));
                     if accept(n) {
                         results.push(scored);
@@ -387,8 +495,29 @@ impl Hnsw {
         results.into_sorted_vec()
     }
 
+    /// Walks from the entry point down to layer 0 and returns the `ef` best accepted points.
+    fn walk(
+        &self,
+        distance: &impl Fn(u32) -> f32,
+        ef: usize,
+        filter: Option<NodeFilter<'_>>,
+    ) -> Vec<Scored> {
+        let Some(entry) = self.entry else {
+            return Vec::new();
+        };
+        let mut nearest = Scored {
+            distance: distance(entry),
+            id: entry,
+        };
+        for level in (1..=self.max_level).rev() {
+            nearest = self.greedy(distance, nearest, level);
+        }
+        self.search_layer(distance, nearest, ef, 0, filter)
+    }
+
     /// The `k` nearest points to `query` (closest first), exploring `ef` candidates
-    /// (at least `k`); `filter` restricts the results.
+    /// (at least `k`); `filter` restricts the results. With int8 codes the walk compares
+    /// codes and the `ef` candidates it finds are rescored with the f32 vectors.
     pub fn search(
         &self,
         query: &[f32],
@@ -397,19 +526,28 @@ impl Hnsw {
         filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Hit>, IndexError> {
         self.check(query)?;
-        let Some(entry) = self.entry else {
-            return Ok(Vec::new());
-        };
         let mut query = query.to_vec();
         self.metric.prepare(&mut query);
-        let mut nearest = Scored {
-            distance: self.distance_to(&query, entry),
-            id: entry,
+        let ef = ef.max(k);
+        let found = match &self.quantizer {
+            Some(quantizer) if self.codes.len() == self.len() * self.dim => {
+                let coded = |id: u32| {
+                    let codes = self.codes.slice(id as usize * self.dim, self.dim);
+                    quantizer.distance(self.metric, &query, codes)
+                };
+                let mut rescored: Vec<Scored> = self
+                    .walk(&coded, ef, filter)
+                    .into_iter()
+                    .map(|s| Scored {
+                        distance: self.distance_to(&query, s.id),
+                        id: s.id,
+                    })
+                    .collect();
+                rescored.sort_unstable();
+                rescored
+            }
+            _ => self.walk(&|id| self.distance_to(&query, id), ef, filter),
         };
-        for level in (1..=self.max_level).rev() {
-            nearest = self.greedy(&query, nearest, level);
-        }
-        let found = self.search_layer(&query, nearest, ef.max(k), 0, filter);
         Ok(found
             .into_iter()
             .take(k)
@@ -467,102 +605,104 @@ impl Hnsw {
             })
             .collect())
     }
+
+    /// Fits int8 codes to the stored vectors; from now on searches walk the codes and
+    /// rescore in f32, and new vectors are coded with the same ranges.
+    pub fn quantize(&mut self) {
+        let quantizer = ScalarQuantizer::fit(self.vectors.iter(), self.dim);
+        let mut codes = Vec::with_capacity(self.vectors.len());
+        for id in 0..self.len() as u32 {
+            quantizer.encode(self.vector(id), &mut codes);
+        }
+        self.codes = Column::from_vec(codes);
+        self.quantizer = Some(quantizer);
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.quantizer.is_some()
+    }
 }
 
-/// The arrays of a graph, for saving and loading it.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct HnswParts {
-    pub vectors: Vec<f32>,
-    pub levels: Vec<u8>,
-    pub layer0: Vec<u32>,
-    /// Every node's upper-layer blocks, concatenated in node order.
-    pub upper: Vec<u32>,
+/// The arrays of a graph as a checkpoint holds them.
+pub(crate) struct GraphColumns {
+    pub vectors: Column<f32>,
+    pub layer0: Column<u32>,
+    pub levels: Column<u8>,
+    pub upper: Column<u32>,
+    pub codes: Column<i8>,
+    pub quantizer: Option<ScalarQuantizer>,
     pub entry: Option<u32>,
 }
 
 impl Hnsw {
-    pub(crate) fn params(&self) -> HnswParams {
-        self.params
-    }
-
-    pub(crate) fn to_parts(&self) -> HnswParts {
-        HnswParts {
-            vectors: self.vectors.clone(),
-            levels: self.levels.clone(),
-            layer0: self.layer0.clone(),
-            upper: self.upper.concat(),
-            entry: self.entry,
-        }
-    }
-
-    /// Rebuilds a graph from saved arrays, checking that they fit together so that a
-    /// corrupt file cannot cause an out-of-bounds access later.
-    pub(crate) fn from_parts(
+    /// A graph over saved (usually memory-mapped) arrays. Sizes, levels and the entry point
+    /// are checked here; links are checked where they are followed, so opening does not
+    /// read the whole graph.
+    pub(crate) fn from_columns(
         dim: usize,
         metric: Metric,
         params: HnswParams,
-        parts: HnswParts,
+        columns: GraphColumns,
     ) -> Result<Self, String> {
         let mut graph = Self::new(dim, metric, params);
-        let n = parts.levels.len();
-        if parts.vectors.len() != n * dim {
+        if graph.params != params {
+            return Err(format!("invalid graph parameters {params:?}"));
+        }
+        let n = columns.levels.len();
+        if Some(columns.vectors.len()) != n.checked_mul(dim) {
             return Err(format!(
                 "{} vector values for {n} points of dimension {dim}",
-                parts.vectors.len()
+                columns.vectors.len()
             ));
         }
-        if parts.layer0.len() != n * graph.block0() {
+        if columns.layer0.len() != n * graph.block0() {
             return Err("layer-0 links do not match the point count".into());
         }
-        let upper_len: usize = parts
-            .levels
-            .iter()
-            .map(|&l| l as usize * graph.block_upper())
-            .sum();
-        if parts.upper.len() != upper_len || parts.levels.iter().any(|&l| l as usize > MAX_LEVEL) {
-            return Err("upper-layer links do not match the node levels".into());
-        }
-        let max_level = match parts.entry {
-            Some(entry) if (entry as usize) < n => parts.levels[entry as usize] as usize,
+        let max_level = match columns.entry {
+            Some(entry) if (entry as usize) < n => columns.levels.get(entry as usize) as usize,
             None if n == 0 => 0,
             _ => {
                 return Err(format!(
                     "entry point {:?} is invalid for {n} points",
-                    parts.entry
+                    columns.entry
                 ));
             }
         };
-        if parts.levels.iter().any(|&l| l as usize > max_level) {
-            return Err("a node lies above the entry point's level".into());
+        if max_level > MAX_LEVEL {
+            return Err("the entry point's level is out of range".into());
         }
-        let mut rest = parts.upper.as_slice();
-        graph.upper = parts
-            .levels
-            .iter()
-            .map(|&l| {
-                let (block, tail) = rest.split_at(l as usize * graph.block_upper());
-                rest = tail;
-                block.to_vec()
-            })
-            .collect();
-        graph.vectors = parts.vectors;
-        graph.layer0 = parts.layer0;
-        graph.levels = parts.levels;
-        graph.entry = parts.entry;
-        graph.max_level = max_level;
-        for id in 0..n as u32 {
-            for level in 0..=graph.levels[id as usize] as usize {
-                let block = graph.block(id, level);
-                let count = block[0] as usize;
-                if count > graph.max_links(level)
-                    || block[1..1 + count].iter().any(|&x| x as usize >= n)
-                {
-                    return Err(format!("links of node {id} on layer {level} are invalid"));
-                }
+        let mut upper_start = Vec::with_capacity(n);
+        let mut upper_len = 0usize;
+        for level in columns.levels.iter() {
+            if level as usize > max_level {
+                return Err("a node lies above the entry point's level".into());
             }
+            upper_start.push(upper_len);
+            upper_len += level as usize * graph.block_upper();
         }
+        if columns.upper.len() != upper_len {
+            return Err("upper-layer links do not match the node levels".into());
+        }
+        match &columns.quantizer {
+            Some(q) if q.dim() != dim || columns.codes.len() != n * dim => {
+                return Err("int8 codes do not match the vectors".into());
+            }
+            None if columns.codes.len() != 0 => {
+                return Err("int8 codes without their ranges".into());
+            }
+            _ => {}
+        }
+        graph.vectors = columns.vectors;
+        graph.layer0 = columns.layer0;
+        graph.levels = columns.levels;
+        graph.upper = columns.upper;
+        graph.upper_start = upper_start;
+        graph.codes = columns.codes;
+        graph.quantizer = columns.quantizer;
+        graph.entry = columns.entry;
+        graph.max_level = max_level;
         // Fresh level draws after a reload; any seed keeps the graph valid.
-        graph.rng = StdRng::seed_from_u64(params.seed.wrapping_add(n as u64));
+        graph.rng = Mutex::new(StdRng::seed_from_u64(params.seed.wrapping_add(n as u64)));
         Ok(graph)
     }
 }

@@ -13,17 +13,19 @@
 //! ```
 
 pub mod collection;
+mod column;
 pub mod distance;
 pub mod filter;
 pub mod hnsw;
 pub mod npy;
+pub mod quant;
 pub mod store;
 
-pub use collection::{Collection, CollectionConfig, Point, ScoredPoint};
+pub use collection::{Collection, CollectionConfig, Point, Quantization, ScoredPoint};
 pub use distance::Metric;
 pub use filter::Filter;
 pub use hnsw::{Hit, Hnsw, HnswParams};
-pub use store::{DurableCollection, OpenReport, StoreError};
+pub use store::{CompactReport, DurableCollection, OpenOptions, OpenReport, StoreError};
 
 /// Errors of the index.
 #[derive(Debug, thiserror::Error)]

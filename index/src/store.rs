@@ -2,27 +2,65 @@
 //!
 //! Every upsert or delete is appended to `wal.log` and synced to disk before it is applied
 //! and acknowledged, so a crash at any point (kill -9) loses no acknowledged write: opening
-//! loads `collection.bin` and replays the log. A record torn by a crash can only be the last
+//! maps `collection.bin` and replays the log. A record torn by a crash can only be the last
 //! one; it is cut off and reported. Every record and every section of the checkpoint carries
 //! a CRC32, so corruption anywhere else is an error naming the file, never wrong results.
-//! `checkpoint` writes a new `collection.bin` beside the old one, renames it into place and
-//! then empties the log; replaying a log over a newer checkpoint is harmless, because
-//! upserts and deletes are idempotent.
+//!
+//! `collection.bin` is laid out to be memory-mapped, not parsed: a header page (sizes, graph
+//! parameters and a table of sections with their checksums), then one page-aligned section
+//! per array of the collection (vectors, layer-0 links, levels, upper links, int8 codes and
+//! ranges, point ids, live flags, payload ends and text, and the id index). Opening checks
+//! the section checksums by streaming the file through a small buffer (the pages go to the
+//! page cache, not into the process) and then maps each section copy-on-write, so a search
+//! touches only the pages it needs. `checkpoint` writes a new file beside the old one,
+//! renames it into place, maps it and then empties the log; replaying a log over a newer
+//! checkpoint is harmless, because upserts and deletes are idempotent.
+//!
+//! A [`DurableCollection`] is `Send + Sync`: any number of threads search it while one
+//! writer at a time upserts. An upsert holds the log while it syncs and the collection
+//! shared while it searches the graph for the new links, and exclusively only to add them.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::collection::{Collection, CollectionConfig};
-use crate::hnsw::{Hnsw, HnswParts};
+use crate::collection::{Collection, CollectionConfig, Point, Quantization};
+use crate::column::Column;
+use crate::hnsw::{GraphColumns, Hnsw};
+use crate::quant::ScalarQuantizer;
 use crate::{HnswParams, IndexError, Metric};
+
+#[cfg(target_endian = "big")]
+compile_error!("collection files hold little-endian arrays that are mapped as they are");
 
 const CHECKPOINT: &str = "collection.bin";
 const WAL: &str = "wal.log";
 const MAGIC: &[u8; 8] = b"MOERAIDX";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+const PAGE: u64 = 4096;
+const SECTIONS: [&str; 13] = [
+    "vectors",
+    "layer0",
+    "levels",
+    "upper",
+    "codes",
+    "code_low",
+    "code_step",
+    "point_ids",
+    "live",
+    "payload_ends",
+    "payloads",
+    "sorted_ids",
+    "sorted_nodes",
+];
+/// Fixed header fields before the section table.
+const HEADER_FIELDS: usize = 40;
+const HEADER_LEN: usize = HEADER_FIELDS + SECTIONS.len() * 20;
 
 /// Errors of durable collections.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +106,35 @@ pub struct OpenReport {
     pub truncated_bytes: u64,
 }
 
-/// A collection kept durable on disk.
+/// How to open a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Check every section's checksum before mapping it (default). Without it, opening
+    /// reads only the header page, and damage inside a section goes unnoticed.
+    pub verify_checksums: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            verify_checksums: true,
+        }
+    }
+}
+
+/// What a compaction reclaimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactReport {
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+/// A collection kept durable on disk; see the [module documentation](self).
 pub struct DurableCollection {
     dir: PathBuf,
-    collection: Collection,
-    wal: File,
+    state: RwLock<Collection>,
+    /// The log; holding it makes its holder the one writer.
+    wal: Mutex<File>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -149,31 +211,50 @@ impl DurableCollection {
         if dir.join(CHECKPOINT).exists() {
             return Err(StoreError::AlreadyExists(dir));
         }
-        let collection = Collection::new(config);
+        Self::create_from(dir, Collection::new(config))
+    }
+
+    /// Writes `collection` as a new durable collection in `dir`: how a bulk build (all
+    /// points known up front) becomes a store without a log of every point.
+    pub fn create_from(dir: impl AsRef<Path>, collection: Collection) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if dir.join(CHECKPOINT).exists() {
+            return Err(StoreError::AlreadyExists(dir));
+        }
         write_checkpoint(&dir, &collection)?;
+        let collection = read_checkpoint(&dir.join(CHECKPOINT), false)?;
         let wal_path = dir.join(WAL);
         let wal = open_log(&wal_path, true)?;
         wal.sync_all().map_err(io(&wal_path))?;
         Ok(Self {
             dir,
-            collection,
-            wal,
+            state: RwLock::new(collection),
+            wal: Mutex::new(wal),
         })
     }
 
-    /// Opens a collection: loads the checkpoint and replays the log.
+    /// Opens a collection: maps the checkpoint (after checking its checksums) and replays
+    /// the log.
     pub fn open(dir: impl AsRef<Path>) -> Result<(Self, OpenReport)> {
+        Self::open_with(dir, OpenOptions::default())
+    }
+
+    pub fn open_with(dir: impl AsRef<Path>, options: OpenOptions) -> Result<(Self, OpenReport)> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.join(CHECKPOINT).exists() {
             return Err(StoreError::NotFound(dir));
         }
-        let mut collection = read_checkpoint(&dir.join(CHECKPOINT))?;
+        let mut collection = read_checkpoint(&dir.join(CHECKPOINT), options.verify_checksums)?;
         let wal_path = dir.join(WAL);
         let mut wal = open_log(&wal_path, false)?;
         let mut bytes = Vec::new();
         wal.read_to_end(&mut bytes).map_err(io(&wal_path))?;
         let dim = collection.config().dim;
         let mut report = OpenReport::default();
+        let mut upserts = Vec::new();
+        let replay_error =
+            |e: IndexError| corrupt(&wal_path, format!("a record cannot be replayed: {e}"));
         let mut at = 0usize;
         while at < bytes.len() {
             let len = le_u32(&bytes, at).map(|len| len as usize);
@@ -195,103 +276,170 @@ impl DurableCollection {
                 wal.sync_all().map_err(io(&wal_path))?;
                 break;
             }
-            let record = Record::decode(body.expect("valid record has a body"), dim)
+            let record = Record::decode(body.unwrap_or_default(), dim)
                 .ok_or_else(|| corrupt(&wal_path, format!("record at byte {at} is malformed")))?;
-            apply(&mut collection, record)?;
+            // Consecutive upserts are replayed as one batch, which plans in parallel.
+            match record {
+                Record::Upsert {
+                    id,
+                    vector,
+                    payload,
+                } => upserts.push(Point {
+                    id,
+                    vector,
+                    payload,
+                }),
+                Record::Delete { id } => {
+                    collection.upsert_batch(&upserts).map_err(replay_error)?;
+                    upserts.clear();
+                    collection.delete(id);
+                }
+            }
             report.replayed += 1;
             at = end;
         }
+        collection.upsert_batch(&upserts).map_err(replay_error)?;
         Ok((
             Self {
                 dir,
-                collection,
-                wal,
+                state: RwLock::new(collection),
+                wal: Mutex::new(wal),
             },
             report,
         ))
     }
 
-    pub fn collection(&self) -> &Collection {
-        &self.collection
+    /// Shared access to the collection, for searches and reads; writers wait while it is held.
+    pub fn collection(&self) -> RwLockReadGuard<'_, Collection> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn collection_mut(&self) -> RwLockWriteGuard<'_, Collection> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, File> {
+        self.wal.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn log(&mut self, records: &[Record]) -> Result<()> {
+    fn log(&self, wal: &mut File, records: &[Record]) -> Result<()> {
         let path = self.dir.join(WAL);
         let bytes: Vec<u8> = records.iter().flat_map(Record::encode).collect();
-        self.wal.write_all(&bytes).map_err(io(&path))?;
-        self.wal.sync_data().map_err(io(&path))
+        wal.write_all(&bytes).map_err(io(&path))?;
+        wal.sync_data().map_err(io(&path))
     }
 
     /// Inserts or replaces a point; durable when this returns.
-    pub fn upsert(&mut self, id: u64, vector: &[f32], payload: Value) -> Result<()> {
-        self.upsert_batch(vec![(id, vector.to_vec(), payload)])
+    pub fn upsert(&self, id: u64, vector: &[f32], payload: Value) -> Result<()> {
+        self.upsert_batch(&[Point {
+            id,
+            vector: vector.to_vec(),
+            payload,
+        }])
     }
 
     /// Several upserts with a single disk sync.
-    pub fn upsert_batch(&mut self, points: Vec<(u64, Vec<f32>, Value)>) -> Result<()> {
-        let dim = self.collection.config().dim;
-        for (_, vector, _) in &points {
-            if vector.len() != dim {
+    pub fn upsert_batch(&self, points: &[Point]) -> Result<()> {
+        let dim = self.collection().config().dim;
+        for point in points {
+            if point.vector.len() != dim {
                 return Err(IndexError::Dimension {
                     expected: dim,
-                    found: vector.len(),
+                    found: point.vector.len(),
                 }
                 .into());
             }
-            if !vector.iter().all(|v| v.is_finite()) {
+            if !point.vector.iter().all(|v| v.is_finite()) {
                 return Err(IndexError::NonFinite.into());
             }
         }
         let records: Vec<Record> = points
-            .into_iter()
-            .map(|(id, vector, payload)| Record::Upsert {
-                id,
-                vector,
-                payload,
+            .iter()
+            .map(|p| Record::Upsert {
+                id: p.id,
+                vector: p.vector.clone(),
+                payload: p.payload.clone(),
             })
             .collect();
-        self.log(&records)?;
-        for record in records {
-            apply(&mut self.collection, record)?;
+        let mut wal = self.writer();
+        self.log(&mut wal, &records)?;
+        let mut rest = points;
+        while !rest.is_empty() {
+            let chunk_size = self.collection().graph().chunk_size().min(rest.len());
+            let (chunk, tail) = rest.split_at(chunk_size);
+            let plans = self.collection().plan_upserts(chunk)?;
+            self.collection_mut().apply_upserts(chunk, plans)?;
+            rest = tail;
         }
+        self.collection_mut().quantize_when_due();
         Ok(())
     }
 
     /// Deletes a point; durable when this returns. Returns whether it existed.
-    pub fn delete(&mut self, id: u64) -> Result<bool> {
-        let existed = self.collection.get(id).is_some();
-        self.log(&[Record::Delete { id }])?;
-        self.collection.delete(id);
+    pub fn delete(&self, id: u64) -> Result<bool> {
+        let mut wal = self.writer();
+        let existed = self.collection().get(id).is_some();
+        self.log(&mut wal, &[Record::Delete { id }])?;
+        self.collection_mut().delete(id);
         Ok(existed)
     }
 
-    /// Writes the whole collection to `collection.bin` and empties the log.
-    pub fn checkpoint(&mut self) -> Result<()> {
-        write_checkpoint(&self.dir, &self.collection)?;
+    /// Writes `collection` as the checkpoint, maps it in place of the current state and
+    /// empties the log. The caller holds the log, so no write slips in between.
+    fn replace_checkpoint(&self, wal: &mut File, collection: Option<Collection>) -> Result<()> {
+        match &collection {
+            Some(fresh) => write_checkpoint(&self.dir, fresh)?,
+            None => write_checkpoint(&self.dir, &self.collection())?,
+        }
+        let mapped = read_checkpoint(&self.dir.join(CHECKPOINT), false)?;
+        *self.collection_mut() = mapped;
         let path = self.dir.join(WAL);
-        self.wal.set_len(0).map_err(io(&path))?;
-        self.wal.sync_all().map_err(io(&path))
+        wal.set_len(0).map_err(io(&path))?;
+        wal.sync_all().map_err(io(&path))
+    }
+
+    /// Writes the whole collection to `collection.bin`, maps it and empties the log.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut wal = self.writer();
+        self.replace_checkpoint(&mut wal, None)
+    }
+
+    /// Rebuilds the graph without deleted and replaced points and checkpoints it. Searches
+    /// go on during the rebuild; writes wait for it.
+    pub fn compact(&self) -> Result<CompactReport> {
+        let mut wal = self.writer();
+        let nodes_before = self.collection().nodes();
+        let fresh = self.collection().compacted()?;
+        let nodes_after = fresh.nodes();
+        self.replace_checkpoint(&mut wal, Some(fresh))?;
+        Ok(CompactReport {
+            nodes_before,
+            nodes_after,
+        })
     }
 
     /// Copies a consistent state of the collection to `dest`, which opens on its own.
-    pub fn snapshot(&mut self, dest: impl AsRef<Path>) -> Result<()> {
-        self.checkpoint()?;
+    pub fn snapshot(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let mut wal = self.writer();
+        self.replace_checkpoint(&mut wal, None)?;
         let dest = dest.as_ref();
         std::fs::create_dir_all(dest).map_err(io(dest))?;
         for name in [CHECKPOINT, WAL] {
             std::fs::copy(self.dir.join(name), dest.join(name)).map_err(io(dest))?;
         }
-        Ok(())
+        File::open(dest)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dest))
     }
 }
 
 /// The log is always opened for appending, so writes after truncating it start at its end.
 fn open_log(path: &Path, truncate: bool) -> Result<File> {
-    let file = OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
@@ -301,20 +449,6 @@ fn open_log(path: &Path, truncate: bool) -> Result<File> {
         file.set_len(0).map_err(io(path))?;
     }
     Ok(file)
-}
-
-fn apply(collection: &mut Collection, record: Record) -> Result<()> {
-    match record {
-        Record::Upsert {
-            id,
-            vector,
-            payload,
-        } => collection.upsert(id, &vector, payload)?,
-        Record::Delete { id } => {
-            collection.delete(id);
-        }
-    }
-    Ok(())
 }
 
 /// The little-endian u32 at `at`, if the bytes are there.
@@ -335,97 +469,156 @@ fn metric_code(metric: Metric) -> u32 {
     }
 }
 
-fn section(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend((bytes.len() as u64).to_le_bytes());
-    out.extend(crc32fast::hash(bytes).to_le_bytes());
-    out.extend(bytes);
+/// Where a section lies and its checksum.
+#[derive(Debug, Clone, Copy, Default)]
+struct Section {
+    offset: u64,
+    bytes: u64,
+    crc: u32,
 }
 
-fn u32s(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
+/// Writes the checkpoint beside the current one, syncs it and renames it into place.
 fn write_checkpoint(dir: &Path, collection: &Collection) -> Result<()> {
-    let config = collection.config();
+    let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
     let graph = collection.graph();
-    let parts = graph.to_parts();
+    let (sorted_ids, sorted_nodes) = collection.sorted_index();
+    let (low, step) = graph
+        .quantizer
+        .as_ref()
+        .map_or((&[][..], &[][..]), |q| (&q.low[..], &q.step[..]));
+    let runs: [[&[u8]; 2]; 13] = [
+        bytes_of(&graph.vectors),
+        bytes_of(&graph.layer0),
+        bytes_of(&graph.levels),
+        bytes_of(&graph.upper),
+        bytes_of(&graph.codes),
+        [bytemuck::cast_slice(low), &[]],
+        [bytemuck::cast_slice(step), &[]],
+        bytes_of(&collection.node_ids),
+        bytes_of(&collection.live),
+        bytes_of(&collection.payload_ends),
+        bytes_of(&collection.payload_bytes),
+        [bytemuck::cast_slice(&sorted_ids), &[]],
+        [bytemuck::cast_slice(&sorted_nodes), &[]],
+    ];
+    let write = |out: &mut BufWriter<File>, bytes: &[u8]| out.write_all(bytes).map_err(io(&tmp));
+    write(&mut out, &[0; PAGE as usize])?;
+    let mut sections = [Section::default(); 13];
+    let mut offset = PAGE;
+    for (section, parts) in sections.iter_mut().zip(runs) {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut bytes = 0u64;
+        for part in parts {
+            hasher.update(part);
+            write(&mut out, part)?;
+            bytes += part.len() as u64;
+        }
+        // The checksum covers the padding too, so no byte of the file goes unchecked.
+        let padding = vec![0; (bytes.next_multiple_of(PAGE) - bytes) as usize];
+        hasher.update(&padding);
+        write(&mut out, &padding)?;
+        *section = Section {
+            offset,
+            bytes,
+            crc: hasher.finalize(),
+        };
+        offset += bytes.next_multiple_of(PAGE);
+    }
+    let config = collection.config();
     let params = graph.params();
-    let mut out = MAGIC.to_vec();
-    out.extend(VERSION.to_le_bytes());
-    let header = u32s(&[
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    for field in [
         config.dim as u32,
         metric_code(config.metric),
         params.m as u32,
         params.ef_construction as u32,
-        parts.entry.unwrap_or(u32::MAX),
-    ]);
-    section(
-        &mut out,
-        &[header, params.seed.to_le_bytes().to_vec()].concat(),
-    );
-    section(
-        &mut out,
-        &parts
-            .vectors
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<_>>(),
-    );
-    section(&mut out, &parts.levels);
-    section(&mut out, &u32s(&parts.layer0));
-    section(&mut out, &u32s(&parts.upper));
-    let mut slots = Vec::new();
-    for slot in collection.slots() {
-        match slot {
-            Some((id, payload)) => {
-                slots.push(1);
-                slots.extend(id.to_le_bytes());
-                let text = payload.to_string();
-                slots.extend((text.len() as u32).to_le_bytes());
-                slots.extend(text.as_bytes());
-            }
-            None => slots.push(0),
-        }
+        graph.entry().unwrap_or(u32::MAX),
+        match config.quantization {
+            Quantization::None => 0,
+            Quantization::Int8 => 1,
+        },
+    ] {
+        header.extend(field.to_le_bytes());
     }
-    section(&mut out, &slots);
-
-    let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
-    let mut file = File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(&out).map_err(io(&tmp))?;
+    header.extend(params.seed.to_le_bytes());
+    header.extend((graph.len() as u64).to_le_bytes());
+    for section in sections {
+        header.extend(section.offset.to_le_bytes());
+        header.extend(section.bytes.to_le_bytes());
+        header.extend(section.crc.to_le_bytes());
+    }
+    let mut page = MAGIC.to_vec();
+    page.extend(VERSION.to_le_bytes());
+    page.extend((header.len() as u32).to_le_bytes());
+    page.extend(0u32.to_le_bytes()); // the checksum of the rest of the page, set below
+    page.extend(&header);
+    page.resize(PAGE as usize, 0);
+    let crc = crc32fast::hash(&page[20..]);
+    page[16..20].copy_from_slice(&crc.to_le_bytes());
+    let mut file = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+    file.seek(SeekFrom::Start(0)).map_err(io(&tmp))?;
+    file.write_all(&page).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     let path = dir.join(CHECKPOINT);
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-fn read_checkpoint(path: &Path) -> Result<Collection> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+fn bytes_of<T: bytemuck::Pod>(column: &Column<T>) -> [&[u8]; 2] {
+    column.runs().map(bytemuck::cast_slice)
+}
+
+/// CRC32 of `bytes` bytes at `offset`, read in parallel chunks through small buffers so
+/// the file passes through the page cache without being mapped into the process.
+fn stream_crc(file: &File, offset: u64, bytes: u64) -> std::io::Result<u32> {
+    const CHUNK: u64 = 8 << 20;
+    let chunks: Vec<u64> = (0..bytes.div_ceil(CHUNK)).collect();
+    let hashers = chunks
+        .par_iter()
+        .map(|&i| {
+            let start = i * CHUNK;
+            let len = CHUNK.min(bytes - start) as usize;
+            let mut buffer = vec![0u8; len.min(1 << 20)];
+            let mut hasher = crc32fast::Hasher::new();
+            let mut done = 0;
+            while done < len {
+                let part = buffer.len().min(len - done);
+                file.read_exact_at(&mut buffer[..part], offset + start + done as u64)?;
+                hasher.update(&buffer[..part]);
+                done += part;
+            }
+            Ok(hasher)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut total = crc32fast::Hasher::new();
+    for hasher in &hashers {
+        total.combine(hasher);
+    }
+    Ok(total.finalize())
+}
+
+/// Maps a checkpoint after checking its header and (with `verify`) every section checksum.
+fn read_checkpoint(path: &Path, verify: bool) -> Result<Collection> {
+    let file = File::open(path).map_err(io(path))?;
+    let file_len = file.metadata().map_err(io(path))?.len();
+    let mut page = vec![0u8; PAGE.min(file_len) as usize];
+    file.read_exact_at(&mut page, 0).map_err(io(path))?;
+    if page.len() < 20 || &page[..8] != MAGIC {
         return Err(corrupt(path, "not a moera collection file (bad magic)"));
     }
-    let version = le_u32(&bytes, 8).unwrap_or_default();
+    let version = le_u32(&page, 8).unwrap_or_default();
     if version != VERSION {
         return Err(corrupt(path, format!("unsupported version {version}")));
     }
-    let mut at = 12;
-    let mut next = |name: &str| -> Result<&[u8]> {
-        let (Some(len), Some(crc)) = (le_u64(&bytes, at), le_u32(&bytes, at + 8)) else {
-            return Err(corrupt(path, format!("truncated before section {name}")));
-        };
-        let len = len as usize;
-        let body = at
-            .checked_add(12 + len)
-            .and_then(|end| bytes.get(at + 12..end))
-            .ok_or_else(|| corrupt(path, format!("section {name} is truncated")))?;
-        if crc32fast::hash(body) != crc {
-            return Err(corrupt(path, format!("section {name} fails its checksum")));
-        }
-        at += 12 + len;
-        Ok(body)
-    };
-    let header = next("header")?;
-    if header.len() != 28 {
-        return Err(corrupt(path, "header has the wrong size"));
+    let header_len = le_u32(&page, 12).unwrap_or_default() as usize;
+    let header = page
+        .get(20..20 + header_len)
+        .filter(|h| h.len() == HEADER_LEN)
+        .ok_or_else(|| corrupt(path, "the header is truncated or has the wrong size"))?;
+    if page.len() < PAGE as usize || le_u32(&page, 16) != Some(crc32fast::hash(&page[20..])) {
+        return Err(corrupt(path, "the header fails its checksum"));
     }
     let field = |i: usize| le_u32(header, 4 * i).unwrap_or_default();
     let metric = match field(1) {
@@ -434,59 +627,117 @@ fn read_checkpoint(path: &Path) -> Result<Collection> {
         2 => Metric::L2,
         other => return Err(corrupt(path, format!("unknown metric {other}"))),
     };
+    let quantization = match field(5) {
+        0 => Quantization::None,
+        1 => Quantization::Int8,
+        other => return Err(corrupt(path, format!("unknown quantization {other}"))),
+    };
     let config = CollectionConfig {
         dim: field(0) as usize,
         metric,
         hnsw: HnswParams {
             m: field(2) as usize,
             ef_construction: field(3) as usize,
-            seed: le_u64(header, 20).unwrap_or_default(),
+            seed: le_u64(header, 24).unwrap_or_default(),
         },
+        quantization,
     };
     let entry = Some(field(4)).filter(|&e| e != u32::MAX);
-    let to_u32 = |b: &[u8]| -> Vec<u32> {
-        b.chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    let vectors: Vec<f32> = next("vectors")?
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let levels = next("levels")?.to_vec();
-    let layer0 = to_u32(next("layer0")?);
-    let upper = to_u32(next("upper")?);
-    let slot_bytes = next("points")?;
-    let mut slots = Vec::with_capacity(levels.len());
-    let mut i = 0;
-    while i < slot_bytes.len() {
-        let bad = || corrupt(path, "point records are malformed");
-        match slot_bytes[i] {
-            0 => {
-                slots.push(None);
-                i += 1;
-            }
-            1 => {
-                let id = le_u64(slot_bytes, i + 1).ok_or_else(bad)?;
-                let len = le_u32(slot_bytes, i + 9).ok_or_else(bad)? as usize;
-                let text = slot_bytes.get(i + 13..i + 13 + len).ok_or_else(bad)?;
-                let payload = serde_json::from_slice(text).map_err(|_| bad())?;
-                slots.push(Some((id, payload)));
-                i += 13 + len;
-            }
-            _ => return Err(bad()),
+    let mut sections = [Section::default(); 13];
+    for (i, section) in sections.iter_mut().enumerate() {
+        let at = HEADER_FIELDS + 20 * i;
+        *section = Section {
+            offset: le_u64(header, at).unwrap_or_default(),
+            bytes: le_u64(header, at + 8).unwrap_or_default(),
+            crc: le_u32(header, at + 16).unwrap_or_default(),
+        };
+        let name = SECTIONS[i];
+        let fits = section
+            .bytes
+            .checked_next_multiple_of(PAGE)
+            .and_then(|padded| section.offset.checked_add(padded))
+            .is_some_and(|end| end <= file_len);
+        if !fits {
+            return Err(corrupt(path, format!("section {name} is truncated")));
+        }
+        if section.offset % PAGE != 0 {
+            return Err(corrupt(path, format!("section {name} is not page-aligned")));
         }
     }
-    let parts = HnswParts {
-        vectors,
-        levels,
-        layer0,
-        upper,
+    if verify {
+        let failed = sections.par_iter().enumerate().find_map_any(|(i, s)| {
+            match stream_crc(&file, s.offset, s.bytes.next_multiple_of(PAGE)) {
+                Ok(crc) if crc == s.crc => None,
+                Ok(_) => Some(corrupt(
+                    path,
+                    format!("section {} fails its checksum", SECTIONS[i]),
+                )),
+                Err(e) => Some(io(path)(e)),
+            }
+        });
+        if let Some(error) = failed {
+            return Err(error);
+        }
+    }
+    let columns = Columns {
+        file: &file,
+        path,
+        sections: &sections,
+    };
+    let quantizer = match (columns.owned::<f32>(5)?, columns.owned::<f32>(6)?) {
+        (low, step) if low.is_empty() && step.is_empty() => None,
+        (low, step) if low.len() == step.len() => Some(ScalarQuantizer { low, step }),
+        _ => return Err(corrupt(path, "int8 ranges are inconsistent")),
+    };
+    let graph = GraphColumns {
+        vectors: columns.map(0)?,
+        layer0: columns.map(1)?,
+        levels: columns.map(2)?,
+        upper: columns.map(3)?,
+        codes: columns.map(4)?,
+        quantizer,
         entry,
     };
-    let graph = Hnsw::from_parts(config.dim, config.metric, config.hnsw, parts)
+    let graph = Hnsw::from_columns(config.dim, config.metric, config.hnsw, graph)
         .map_err(|reason| corrupt(path, reason))?;
-    Collection::from_parts(config, graph, slots).map_err(|reason| corrupt(path, reason))
+    Collection::from_columns(
+        config,
+        graph,
+        columns.map(7)?,
+        columns.map(8)?,
+        columns.map(9)?,
+        columns.map(10)?,
+        columns.map(11)?,
+        columns.map(12)?,
+    )
+    .map_err(|reason| corrupt(path, reason))
+}
+
+/// Maps the sections of an open checkpoint.
+struct Columns<'a> {
+    file: &'a File,
+    path: &'a Path,
+    sections: &'a [Section; 13],
+}
+
+impl Columns<'_> {
+    fn map<T: bytemuck::Pod>(&self, index: usize) -> Result<Column<T>> {
+        let section = self.sections[index];
+        if section.bytes % size_of::<T>() as u64 != 0 {
+            let name = SECTIONS[index];
+            return Err(corrupt(
+                self.path,
+                format!("section {name} has a partial value"),
+            ));
+        }
+        let count = (section.bytes / size_of::<T>() as u64) as usize;
+        Column::map(self.file, section.offset, count).map_err(io(self.path))
+    }
+
+    /// A small section read into memory.
+    fn owned<T: bytemuck::Pod>(&self, index: usize) -> Result<Vec<T>> {
+        Ok(self.map::<T>(index)?.iter().collect())
+    }
 }
 
 #[cfg(test)]
@@ -495,11 +746,7 @@ mod tests {
     use serde_json::json;
 
     fn config() -> CollectionConfig {
-        CollectionConfig {
-            dim: 4,
-            metric: Metric::Cosine,
-            hnsw: HnswParams::default(),
-        }
+        CollectionConfig::new(4, Metric::Cosine)
     }
 
     fn vector(i: u64) -> Vec<f32> {
@@ -507,7 +754,7 @@ mod tests {
     }
 
     fn populated(dir: &Path) -> DurableCollection {
-        let mut c = DurableCollection::create(dir, config()).unwrap();
+        let c = DurableCollection::create(dir, config()).unwrap();
         for i in 0..50 {
             c.upsert(i, &vector(i), json!({"i": i})).unwrap();
         }
@@ -536,7 +783,7 @@ mod tests {
         assert_eq!(c.collection().count(), 49);
         assert!(c.collection().get(7).is_none());
         assert_eq!(c.collection().get(8).unwrap().payload, json!({"i": 8}));
-        let mut c = c;
+        let c = c;
         c.checkpoint().unwrap();
         c.upsert(100, &vector(100), json!({})).unwrap();
         drop(c);
@@ -554,7 +801,7 @@ mod tests {
         drop(populated(&dir));
         let wal = dir.join(WAL);
         let len = std::fs::metadata(&wal).unwrap().len();
-        OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&wal)
             .unwrap()
@@ -571,7 +818,7 @@ mod tests {
     #[test]
     fn corruption_is_reported_never_silent() {
         let dir = scratch("corrupt");
-        let mut c = populated(&dir);
+        let c = populated(&dir);
         c.checkpoint().unwrap();
         c.upsert(60, &vector(60), json!({})).unwrap();
         c.upsert(61, &vector(61), json!({})).unwrap();
@@ -626,7 +873,7 @@ mod tests {
     fn snapshot_opens_elsewhere() {
         let dir = scratch("snap-src");
         let dest = scratch("snap-dest");
-        let mut c = populated(&dir);
+        let c = populated(&dir);
         c.snapshot(&dest).unwrap();
         c.upsert(99, &vector(99), json!({})).unwrap();
         let (copy, _) = DurableCollection::open(&dest).unwrap();

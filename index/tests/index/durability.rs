@@ -24,13 +24,12 @@ fn vector(id: u64) -> Vec<f32> {
 
 fn config() -> CollectionConfig {
     CollectionConfig {
-        dim: 16,
-        metric: Metric::Cosine,
         hnsw: HnswParams {
             m: 12,
             ef_construction: 100,
             seed: 1,
         },
+        ..CollectionConfig::new(16, Metric::Cosine)
     }
 }
 
@@ -41,7 +40,7 @@ fn crash_child() {
         return;
     };
     let base: u64 = base.parse().unwrap();
-    let mut collection = match DurableCollection::open(&dir) {
+    let collection = match DurableCollection::open(&dir) {
         Ok((c, _)) => c,
         Err(StoreError::NotFound(_)) => DurableCollection::create(&dir, config()).unwrap(),
         Err(e) => panic!("{e}"),
