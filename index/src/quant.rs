@@ -74,9 +74,9 @@ impl ScalarQuantizer {
         let mut acc = [0f32; LANES];
         let full = query.len() / LANES * LANES;
         for base in (0..full).step_by(LANES) {
-            for lane in 0..LANES {
+            for (lane, sum) in acc.iter_mut().enumerate() {
                 let d = base + lane;
-                acc[lane] += term(query[d], value(d, codes[d]));
+                *sum += term(query[d], value(d, codes[d]));
             }
         }
         let tail: f32 = (full..query.len())

@@ -660,7 +660,7 @@ fn read_checkpoint(path: &Path, verify: bool) -> Result<Collection> {
         if !fits {
             return Err(corrupt(path, format!("section {name} is truncated")));
         }
-        if section.offset % PAGE != 0 {
+        if !section.offset.is_multiple_of(PAGE) {
             return Err(corrupt(path, format!("section {name} is not page-aligned")));
         }
     }
@@ -723,7 +723,7 @@ struct Columns<'a> {
 impl Columns<'_> {
     fn map<T: bytemuck::Pod>(&self, index: usize) -> Result<Column<T>> {
         let section = self.sections[index];
-        if section.bytes % size_of::<T>() as u64 != 0 {
+        if !section.bytes.is_multiple_of(size_of::<T>() as u64) {
             let name = SECTIONS[index];
             return Err(corrupt(
                 self.path,
