@@ -53,14 +53,8 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
-        && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM"))
-    {
-        println!(
-            "peak RSS ({}): {}",
-            line.split(':').next().unwrap_or(""),
-            line.split(':').nth(1).unwrap_or("").trim()
-        );
+    if let Some(peak) = moera::process::peak_rss_mib() {
+        println!("peak RSS (VmHWM): {peak:.0} MiB");
     }
 }
 

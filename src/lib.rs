@@ -4,4 +4,7 @@
 #![doc = include_str!("../README.md")]
 
 pub use moera_engine as engine;
+pub use moera_index as index;
+
+pub mod process;
 pub use moera_models as models;

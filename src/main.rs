@@ -1,5 +1,7 @@
 //! The `moera` command line.
 
+mod index_cli;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -32,6 +34,9 @@ enum Command {
     Logits(LogitsArgs),
     /// Perplexity of a text file, over consecutive windows of --ctx tokens.
     Perplexity(PerplexityArgs),
+    /// Build or query a vector index.
+    #[command(subcommand)]
+    Index(index_cli::IndexCommand),
 }
 
 #[derive(Args)]
@@ -219,6 +224,7 @@ fn stream(model: &Model, request: &GenerationRequest, print_ids: bool) -> Result
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Index(command) => index_cli::run(command),
         Command::Generate(args) => {
             let model = load(&args.model)?;
             let prompt = match (&args.prompt_ids, &args.prompt) {
