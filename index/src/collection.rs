@@ -204,8 +204,8 @@ impl Collection {
         points: &[Point],
         plans: Vec<Plan>,
     ) -> Result<(), IndexError> {
-        for (point, plan) in points.iter().zip(plans) {
-            let node = self.graph.apply(plan)?;
+        let nodes = self.graph.apply_batch(plans)?;
+        for (point, node) in points.iter().zip(nodes) {
             match self.node_of(point.id) {
                 Some(old) => self.live.set(old as usize, 0),
                 None => self.live_count += 1,

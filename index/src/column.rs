@@ -49,6 +49,8 @@ impl<T: Pod> Column<T> {
                 .len(bytes)
                 .map_copy(file)?
         };
+        // Searches jump around the file: read ahead nothing, map only the pages touched.
+        let _ = map.advise(memmap2::Advice::Random);
         if bytemuck::try_cast_slice::<u8, T>(&map).is_err() {
             return Err(std::io::Error::other("section is not aligned"));
         }

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::column::Column;
+use crate::distance::prefetch;
 use crate::quant::ScalarQuantizer;
 use crate::{IndexError, Metric};
 
@@ -94,6 +95,53 @@ impl Visited {
 /// A filter on point ids, checked during traversal: rejected points still guide the walk
 /// but never enter the results.
 pub type NodeFilter<'a> = &'a (dyn Fn(u32) -> bool + Sync);
+
+/// How a walk measures the distance from its query to a node: f32 vectors or int8 codes.
+trait Space {
+    fn distance(&self, id: u32) -> f32;
+    /// Starts loading what `distance` will read, while earlier distances are computed.
+    fn prefetch(&self, id: u32);
+}
+
+struct Exact<'a> {
+    graph: &'a Hnsw,
+    query: &'a [f32],
+    kernel: fn(&[f32], &[f32]) -> f32,
+}
+
+impl Space for Exact<'_> {
+    #[inline]
+    fn distance(&self, id: u32) -> f32 {
+        (self.kernel)(self.query, self.graph.vector(id))
+    }
+
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        prefetch(self.graph.vector(id));
+    }
+}
+
+struct Coded<'a> {
+    graph: &'a Hnsw,
+    query: &'a [f32],
+    quantizer: &'a ScalarQuantizer,
+}
+
+impl Space for Coded<'_> {
+    #[inline]
+    fn distance(&self, id: u32) -> f32 {
+        let dim = self.graph.dim;
+        let codes = self.graph.codes.slice(id as usize * dim, dim);
+        self.quantizer
+            .distance(self.graph.metric, self.query, codes)
+    }
+
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        let dim = self.graph.dim;
+        prefetch(self.graph.codes.slice(id as usize * dim, dim));
+    }
+}
 
 /// An HNSW index over vectors of one dimension and metric. Ids are insertion order.
 ///
@@ -245,6 +293,14 @@ impl Hnsw {
         self.metric.distance(query, self.vector(id))
     }
 
+    fn exact<'a>(&'a self, query: &'a [f32]) -> Exact<'a> {
+        Exact {
+            graph: self,
+            query,
+            kernel: self.metric.kernel(),
+        }
+    }
+
     fn check(&self, vector: &[f32]) -> Result<(), IndexError> {
         if vector.len() != self.dim {
             return Err(IndexError::Dimension {
@@ -272,7 +328,7 @@ impl Hnsw {
     /// Adds a vector and returns its id.
     pub fn insert(&mut self, vector: &[f32]) -> Result<u32, IndexError> {
         let plan = self.plan(vector, self.random_level())?;
-        self.apply(plan)
+        Ok(self.apply_batch(vec![plan])?[0])
     }
 
     /// Adds many vectors, searching for their links in parallel; returns the first new id.
@@ -285,9 +341,8 @@ impl Hnsw {
         let mut rest = vectors;
         while !rest.is_empty() {
             let (chunk, tail) = rest.split_at(self.chunk_size().min(rest.len()));
-            for plan in self.plan_batch(chunk)? {
-                self.apply(plan)?;
-            }
+            let plans = self.plan_batch(chunk)?;
+            self.apply_batch(plans)?;
             rest = tail;
         }
         Ok(first)
@@ -316,9 +371,9 @@ impl Hnsw {
         self.metric.prepare(&mut stored);
         let mut links = vec![Vec::new(); level + 1];
         if let Some(entry) = self.entry {
-            let exact = |id: u32| self.distance_to(&stored, id);
+            let exact = self.exact(&stored);
             let mut nearest = Scored {
-                distance: exact(entry),
+                distance: exact.distance(entry),
                 id: entry,
             };
             for l in (level + 1..=self.max_level).rev() {
@@ -338,63 +393,90 @@ impl Hnsw {
         })
     }
 
-    /// Adds a planned vector: its own links, and links back to it from its neighbours.
-    pub(crate) fn apply(&mut self, plan: Plan) -> Result<u32, IndexError> {
-        let id = u32::try_from(self.len())
-            .ok()
-            .filter(|&id| id < u32::MAX)
-            .ok_or(IndexError::Full(u32::MAX as usize))?;
-        self.vectors.extend_from_slice(&plan.vector);
-        if let Some(quantizer) = &self.quantizer {
-            let mut codes = Vec::with_capacity(self.dim);
-            quantizer.encode(&plan.vector, &mut codes);
-            self.codes.extend_from_slice(&codes);
-        }
-        self.levels.push(plan.level as u8);
-        self.upper_start.push(self.upper.len());
-        self.upper
-            .extend_from_slice(&vec![0; plan.level * self.block_upper()]);
-        self.layer0.extend_from_slice(&vec![0; self.block0()]);
-        for (level, links) in plan.links.iter().enumerate() {
-            self.set_neighbors(id, level, links.iter().map(|s| s.id));
-            for link in links {
-                self.connect(link.id, id, link.distance, level);
+    /// Adds planned vectors: each one's own links, then links back to them from their
+    /// neighbours. Every neighbour gaining links is re-pruned once, in parallel.
+    pub(crate) fn apply_batch(&mut self, plans: Vec<Plan>) -> Result<Vec<u32>, IndexError> {
+        let mut ids = Vec::with_capacity(plans.len());
+        let mut back_links: Vec<(usize, u32, Scored)> = Vec::new();
+        for plan in plans {
+            let id = u32::try_from(self.len())
+                .ok()
+                .filter(|&id| id < u32::MAX)
+                .ok_or(IndexError::Full(u32::MAX as usize))?;
+            self.vectors.extend_from_slice(&plan.vector);
+            if let Some(quantizer) = &self.quantizer {
+                let mut codes = Vec::with_capacity(self.dim);
+                quantizer.encode(&plan.vector, &mut codes);
+                self.codes.extend_from_slice(&codes);
             }
+            self.levels.push(plan.level as u8);
+            self.upper_start.push(self.upper.len());
+            self.upper
+                .extend_from_slice(&vec![0; plan.level * self.block_upper()]);
+            self.layer0.extend_from_slice(&vec![0; self.block0()]);
+            for (level, links) in plan.links.iter().enumerate() {
+                self.set_neighbors(id, level, links.iter().map(|s| s.id));
+                back_links.extend(links.iter().map(|link| {
+                    let back = Scored {
+                        distance: link.distance,
+                        id,
+                    };
+                    (level, link.id, back)
+                }));
+            }
+            if self.entry.is_none() || plan.level > self.max_level {
+                self.entry = Some(id);
+                self.max_level = plan.level;
+            }
+            ids.push(id);
         }
-        if self.entry.is_none() || plan.level > self.max_level {
-            self.entry = Some(id);
-            self.max_level = plan.level;
+        back_links.sort_unstable_by_key(|&(level, node, _)| (level, node));
+        let groups: Vec<&[(usize, u32, Scored)]> = back_links
+            .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
+            .collect();
+        let updates: Vec<(usize, u32, Vec<u32>)> = groups
+            .par_iter()
+            .map(|group| {
+                let (level, node) = (group[0].0, group[0].1);
+                let links = self.merged_links(node, level, group.iter().map(|g| g.2));
+                (level, node, links)
+            })
+            .collect();
+        for (level, node, links) in updates {
+            self.set_neighbors(node, level, links.into_iter());
         }
-        Ok(id)
+        Ok(ids)
     }
 
-    /// Adds `new` to the links of `node`, pruning with the heuristic when full.
-    fn connect(&mut self, node: u32, new: u32, distance: f32, level: usize) {
+    /// The links of `node` with `new` added, pruned with the heuristic when too many.
+    fn merged_links(&self, node: u32, level: usize, new: impl Iterator<Item = Scored>) -> Vec<u32> {
         let max = self.max_links(level);
         let len = self.len();
-        let current: Vec<u32> = self
+        let mut ids: Vec<u32> = self
             .neighbors(node, level)
             .iter()
             .copied()
             .filter(|&n| (n as usize) < len)
             .collect();
-        if current.len() < max {
-            let links = current.into_iter().chain([new]);
-            self.set_neighbors(node, level, links.collect::<Vec<_>>().into_iter());
-            return;
+        let new: Vec<Scored> = new.collect();
+        if ids.len() + new.len() <= max {
+            ids.extend(new.iter().map(|s| s.id));
+            return ids;
         }
         let base = self.vector(node);
-        let mut candidates: Vec<Scored> = current
+        let mut candidates: Vec<Scored> = ids
             .iter()
             .map(|&id| Scored {
                 distance: self.metric.distance(base, self.vector(id)),
                 id,
             })
+            .chain(new)
             .collect();
-        candidates.push(Scored { distance, id: new });
         candidates.sort_unstable();
-        let kept = self.select_neighbors(&candidates, max);
-        self.set_neighbors(node, level, kept.into_iter().map(|s| s.id));
+        self.select_neighbors(&candidates, max)
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
     }
 
     /// hnswlib's heuristic: walking candidates from the closest, keep one only if it is
@@ -409,9 +491,13 @@ impl Hnsw {
                 break;
             }
             let vector = self.vector(candidate.id);
-            let diverse = kept
-                .iter()
-                .all(|k| self.metric.distance(vector, self.vector(k.id)) >= candidate.distance);
+            // Ties count as diverse, as in hnswlib, except among exact copies of the base:
+            // one of those is enough, or clusters of copies link only to each other.
+            let diverse = kept.iter().all(|k| {
+                let to_kept = self.metric.distance(vector, self.vector(k.id));
+                to_kept > candidate.distance
+                    || (to_kept == candidate.distance && candidate.distance > self.metric.floor())
+            });
             if diverse {
                 kept.push(*candidate);
             }
@@ -419,7 +505,7 @@ impl Hnsw {
         kept
     }
 
-    fn greedy(&self, distance: &impl Fn(u32) -> f32, mut nearest: Scored, level: usize) -> Scored {
+    fn greedy(&self, space: &impl Space, mut nearest: Scored, level: usize) -> Scored {
         let len = self.len();
         loop {
             let mut moved = false;
@@ -427,7 +513,7 @@ impl Hnsw {
                 if n as usize >= len {
                     continue;
                 }
-                let d = distance(n);
+                let d = space.distance(n);
                 if d < nearest.distance {
                     nearest = Scored { distance: d, id: n };
                     moved = true;
@@ -442,7 +528,7 @@ impl Hnsw {
     /// Best-first search of one layer from `entry`; returns up to `ef` accepted points, closest first.
     fn search_layer(
         &self,
-        distance: &impl Fn(u32) -> f32,
+        space: &impl Space,
         entry: Scored,
         ef: usize,
         level: usize,
@@ -461,6 +547,7 @@ impl Hnsw {
         visited.insert(entry.id);
         let mut candidates = BinaryHeap::from([Reverse(entry)]);
         let mut results = BinaryHeap::new();
+        let mut fresh = Vec::with_capacity(self.block0());
         if accept(entry.id) {
             results.push(entry);
         }
@@ -471,11 +558,16 @@ impl Hnsw {
             if results.len() >= ef && candidate.distance > worst {
                 break;
             }
+            // Unvisited neighbours first, their data prefetched, then their distances.
+            fresh.clear();
             for &n in self.neighbors(candidate.id, level) {
-                if n as usize >= len || !visited.insert(n) {
-                    continue;
+                if (n as usize) < len && visited.insert(n) {
+                    space.prefetch(n);
+                    fresh.push(n);
                 }
-                let d = distance(n);
+            }
+            for &n in &fresh {
+                let d = space.distance(n);
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.distance);
                 if results.len() < ef || d < worst {
                     let scored = Scored { distance: d, id: n };
@@ -496,23 +588,18 @@ impl Hnsw {
     }
 
     /// Walks from the entry point down to layer 0 and returns the `ef` best accepted points.
-    fn walk(
-        &self,
-        distance: &impl Fn(u32) -> f32,
-        ef: usize,
-        filter: Option<NodeFilter<'_>>,
-    ) -> Vec<Scored> {
+    fn walk(&self, space: &impl Space, ef: usize, filter: Option<NodeFilter<'_>>) -> Vec<Scored> {
         let Some(entry) = self.entry else {
             return Vec::new();
         };
         let mut nearest = Scored {
-            distance: distance(entry),
+            distance: space.distance(entry),
             id: entry,
         };
         for level in (1..=self.max_level).rev() {
-            nearest = self.greedy(distance, nearest, level);
+            nearest = self.greedy(space, nearest, level);
         }
-        self.search_layer(distance, nearest, ef, 0, filter)
+        self.search_layer(space, nearest, ef, 0, filter)
     }
 
     /// The `k` nearest points to `query` (closest first), exploring `ef` candidates
@@ -531,9 +618,10 @@ impl Hnsw {
         let ef = ef.max(k);
         let found = match &self.quantizer {
             Some(quantizer) if self.codes.len() == self.len() * self.dim => {
-                let coded = |id: u32| {
-                    let codes = self.codes.slice(id as usize * self.dim, self.dim);
-                    quantizer.distance(self.metric, &query, codes)
+                let coded = Coded {
+                    graph: self,
+                    query: &query,
+                    quantizer,
                 };
                 let mut rescored: Vec<Scored> = self
                     .walk(&coded, ef, filter)
@@ -546,7 +634,7 @@ impl Hnsw {
                 rescored.sort_unstable();
                 rescored
             }
-            _ => self.walk(&|id| self.distance_to(&query, id), ef, filter),
+            _ => self.walk(&self.exact(&query), ef, filter),
         };
         Ok(found
             .into_iter()
@@ -818,6 +906,29 @@ mod tests {
         let batch = index.search_batch(&refs, 5, 32, None).unwrap();
         for (q, hits) in queries.iter().zip(batch) {
             assert_eq!(hits, index.search(q, 5, 32, None).unwrap());
+        }
+    }
+
+    #[test]
+    fn many_copies_of_few_vectors_are_still_found() {
+        for quantize in [false, true] {
+            let mut index = Hnsw::new(24, Metric::L2, HnswParams::default());
+            let rows: Vec<Vec<f32>> = (0..3000u64)
+                .map(|id| {
+                    (0..24)
+                        .map(|d| ((id * 31 + d * 7) % 97) as f32 / 9.7)
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            index.insert_batch(&refs).unwrap();
+            if quantize {
+                index.quantize();
+            }
+            for row in rows.iter().take(97) {
+                let hit = index.search(row, 1, 64, None).unwrap()[0];
+                assert_eq!(hit.distance, 0.0, "quantized: {quantize}");
+            }
         }
     }
 }

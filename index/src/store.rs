@@ -743,6 +743,7 @@ impl Columns<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collection::Point;
     use serde_json::json;
 
     fn config() -> CollectionConfig {
@@ -865,6 +866,208 @@ mod tests {
                 .collection()
                 .count(),
             51
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The section table of a checkpoint file: (name, offset, bytes).
+    fn sections_of(file: &[u8]) -> Vec<(&'static str, usize, usize)> {
+        let header = &file[20..20 + HEADER_LEN];
+        (0..SECTIONS.len())
+            .map(|i| {
+                let at = HEADER_FIELDS + 20 * i;
+                let offset = le_u64(header, at).unwrap() as usize;
+                (
+                    SECTIONS[i],
+                    offset,
+                    le_u64(header, at + 8).unwrap() as usize,
+                )
+            })
+            .collect()
+    }
+
+    /// Rewrites a section's checksum and the header's, as a forger would.
+    fn reseal(file: &mut [u8], section: usize) {
+        let (_, offset, bytes) = sections_of(file)[section];
+        let padded = (bytes as u64).next_multiple_of(PAGE) as usize;
+        let crc = crc32fast::hash(&file[offset..offset + padded]);
+        let at = 20 + HEADER_FIELDS + 20 * section + 16;
+        file[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32fast::hash(&file[20..PAGE as usize]);
+        file[16..20].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn damage_in_every_section_is_named_on_open() {
+        let dir = scratch("sections");
+        let c = populated(&dir);
+        c.checkpoint().unwrap();
+        drop(c);
+        let checkpoint = std::fs::read(dir.join(CHECKPOINT)).unwrap();
+        for (name, offset, bytes) in sections_of(&checkpoint) {
+            if bytes == 0 {
+                continue;
+            }
+            let mut bad = checkpoint.clone();
+            bad[offset + bytes / 2] ^= 0x08;
+            std::fs::write(dir.join(CHECKPOINT), &bad).unwrap();
+            match DurableCollection::open(&dir) {
+                Err(StoreError::Corrupt { reason, .. }) => {
+                    assert!(reason.contains(name), "{name}: {reason}")
+                }
+                other => panic!("{name}: {:?}", other.map(|_| ())),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn forged_links_and_ids_are_bounds_checked_not_followed() {
+        let dir = scratch("forged");
+        let c = populated(&dir);
+        c.checkpoint().unwrap();
+        drop(c);
+        let mut file = std::fs::read(dir.join(CHECKPOINT)).unwrap();
+        let sections = sections_of(&file);
+        // Every link of every node points past the end; the id index points nowhere.
+        let (_, layer0, bytes) = sections[1];
+        for word in file[layer0..layer0 + bytes].chunks_exact_mut(4) {
+            word.copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        reseal(&mut file, 1);
+        let (_, nodes, bytes) = sections[12];
+        file[nodes..nodes + bytes].fill(0xff);
+        reseal(&mut file, 12);
+        std::fs::write(dir.join(CHECKPOINT), &file).unwrap();
+        let (c, _) = DurableCollection::open(&dir).unwrap();
+        let c = c.collection();
+        // No panic, no point returned for the wrong id.
+        assert!(c.get(8).is_none());
+        assert!(c.scroll(None, 100).is_empty());
+        let hits = c.search(&vector(8), 3, 16, None).unwrap();
+        assert!(hits.len() <= 3);
+        drop(c);
+        // A forged entry point is refused outright.
+        let mut file = std::fs::read(dir.join(CHECKPOINT)).unwrap();
+        file[20 + 16..20 + 20].copy_from_slice(&1_000_000u32.to_le_bytes());
+        let crc = crc32fast::hash(&file[20..PAGE as usize]);
+        file[16..20].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.join(CHECKPOINT), &file).unwrap();
+        assert!(matches!(
+            DurableCollection::open(&dir),
+            Err(StoreError::Corrupt { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compaction_reclaims_deleted_and_replaced_points() {
+        let dir = scratch("compact");
+        let c = populated(&dir);
+        for i in 0..20 {
+            c.delete(i).unwrap();
+        }
+        c.upsert(30, &vector(31), json!({"moved": true})).unwrap();
+        let report = c.compact().unwrap();
+        assert_eq!(report.nodes_before, 51);
+        assert_eq!(report.nodes_after, 30);
+        let check = |c: &Collection| {
+            assert_eq!(c.count(), 30);
+            assert_eq!(c.nodes(), 30);
+            assert!(c.get(5).is_none());
+            assert_eq!(c.get(30).unwrap().payload, json!({"moved": true}));
+            let ids: Vec<u64> = c.scroll(None, 100).iter().map(|p| p.id).collect();
+            assert_eq!(ids, (20..50).collect::<Vec<_>>());
+            assert_eq!(c.search(&vector(40), 1, 32, None).unwrap()[0].id, 40);
+        };
+        check(&c.collection());
+        drop(c);
+        let (c, report) = DurableCollection::open(&dir).unwrap();
+        assert_eq!(report.replayed, 0);
+        check(&c.collection());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn int8_codes_survive_a_checkpoint_and_keep_recall() {
+        let dir = scratch("int8");
+        let config = CollectionConfig {
+            quantization: Quantization::Int8,
+            ..CollectionConfig::new(24, Metric::L2)
+        };
+        let c = DurableCollection::create(&dir, config).unwrap();
+        let points: Vec<Point> = (0..3000u64)
+            .map(|id| Point {
+                id,
+                vector: (0..24)
+                    .map(|d| ((id * 7919 + d * 104_729) % 1013) as f32 / 101.3 + d as f32)
+                    .collect(),
+                payload: json!(null),
+            })
+            .collect();
+        c.upsert_batch(&points).unwrap();
+        assert!(c.collection().graph().is_quantized());
+        c.checkpoint().unwrap();
+        drop(c);
+        let (c, _) = DurableCollection::open(&dir).unwrap();
+        let c = c.collection();
+        assert!(c.graph().is_quantized());
+        let mut found = 0;
+        for p in points.iter().step_by(30) {
+            let exact: Vec<u32> = c
+                .graph()
+                .exact_search(&p.vector, 10, None)
+                .unwrap()
+                .iter()
+                .map(|h| h.id)
+                .collect();
+            let hits = c.graph().search(&p.vector, 10, 64, None).unwrap();
+            found += hits.iter().filter(|h| exact.contains(&h.id)).count();
+            // Rescored distances are the exact f32 ones.
+            let exact_first = c.graph().exact_search(&p.vector, 1, None).unwrap()[0].distance;
+            assert_eq!(hits[0].distance, exact_first);
+        }
+        let recall = found as f64 / (100 * 10) as f64;
+        assert!(recall >= 0.95, "recall@10 with int8 codes {recall}");
+        drop(c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn searches_run_while_one_writer_upserts() {
+        fn shared<T: Send + Sync>(_: &T) {}
+        let dir = scratch("concurrent");
+        let c = populated(&dir);
+        shared(&c);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..3)
+                .map(|r| {
+                    let (c, stop) = (&c, &stop);
+                    scope.spawn(move || {
+                        let mut searches = 0;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) || searches == 0 {
+                            let q = vector(searches % 50 + r);
+                            let hits = c.collection().search(&q, 5, 32, None).unwrap();
+                            assert!(!hits.is_empty() && hits.len() <= 5);
+                            searches += 1;
+                        }
+                        searches
+                    })
+                })
+                .collect();
+            for id in 100..400 {
+                c.upsert(id, &vector(id), json!({"id": id})).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for reader in readers {
+                assert!(reader.join().unwrap() > 0);
+            }
+        });
+        assert_eq!(c.collection().count(), 349);
+        assert_eq!(
+            c.collection().search(&vector(250), 1, 64, None).unwrap()[0].id,
+            250
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
