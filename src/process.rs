@@ -14,6 +14,15 @@ pub fn rss_mib() -> Option<f64> {
     status_kib("VmRSS").map(|kib| kib / 1024.0)
 }
 
+/// Resident memory now split into anonymous pages (the process's own allocations) and
+/// file-backed pages (mapped files: shared with the page cache and reclaimable), in MiB.
+pub fn rss_split_mib() -> Option<(f64, f64)> {
+    Some((
+        status_kib("RssAnon")? / 1024.0,
+        status_kib("RssFile")? / 1024.0,
+    ))
+}
+
 /// The most resident memory so far, in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     status_kib("VmHWM").map(|kib| kib / 1024.0)

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::column::Column;
 use crate::filter::Filter;
-use crate::hnsw::Plan;
+use crate::hnsw::{NodeFilter, Plan};
 use crate::{Hnsw, HnswParams, IndexError, Metric};
 
 /// How stored vectors are kept for the graph walk.
@@ -334,11 +334,14 @@ impl Collection {
         filter: Option<&Filter>,
     ) -> Result<Vec<ScoredPoint>, IndexError> {
         let accept = |node: u32| self.accepts(node, filter);
+        // Without a filter or tombstones every node is a result: skip the per-node check.
+        let check = (filter.is_some() || self.count() < self.nodes()).then_some(&accept);
+        let check = check.map(|f| f as NodeFilter<'_>);
         let exact = filter.is_some_and(|f| self.estimate_matches(f) < EXACT_SCAN_MATCHES);
         let hits = if exact {
-            self.graph.exact_search(query, k, Some(&accept))?
+            self.graph.exact_search(query, k, check)?
         } else {
-            self.graph.search(query, k, ef, Some(&accept))?
+            self.graph.search(query, k, ef, check)?
         };
         Ok(hits
             .into_iter()

@@ -84,83 +84,60 @@ mod avx2 {
     /// Only reachable through `kernels()`, after the CPU was seen to have AVX2 and FMA.
     pub fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: the features were detected before this function was selected.
-        unsafe { dot(a, b) }
+        unsafe { reduce::<false>(a, b) }
     }
 
     pub fn l2_checked(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
-        unsafe { l2(a, b) }
+        unsafe { reduce::<true>(a, b) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn horizontal_sum(v: __m256) -> f32 {
+    fn horizontal_sum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
     }
 
+    /// `acc + x·y`, or `acc + (x − y)²` for the squared L2 distance.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        // SAFETY: every load reads 8 values at i + 8 ≤ n.
-        unsafe {
-            while i + 16 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(i + 8)),
-                    _mm256_loadu_ps(pb.add(i + 8)),
-                    acc1,
-                );
-                i += 16;
-            }
-            if i + 8 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-                i += 8;
-            }
-            let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
-            while i < n {
-                sum += a[i] * b[i];
-                i += 1;
-            }
-            sum
+    fn accumulate<const SQUARED_DIFFERENCE: bool>(x: __m256, y: __m256, acc: __m256) -> __m256 {
+        if SQUARED_DIFFERENCE {
+            let d = _mm256_sub_ps(x, y);
+            _mm256_fmadd_ps(d, d, acc)
+        } else {
+            _mm256_fmadd_ps(x, y, acc)
         }
     }
 
+    /// `Σ aᵢ·bᵢ` or `Σ (aᵢ − bᵢ)²`: two 8-lane accumulators, then a scalar tail.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn l2(a: &[f32], b: &[f32]) -> f32 {
+    unsafe fn reduce<const SQUARED_DIFFERENCE: bool>(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: every load reads 8 values at an offset i with i + 8 ≤ n.
+        let load = |p: *const f32, i: usize| unsafe { _mm256_loadu_ps(p.add(i)) };
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
-        // SAFETY: every load reads 8 values at i + 8 ≤ n.
-        unsafe {
-            while i + 16 <= n {
-                let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-                let d1 = _mm256_sub_ps(
-                    _mm256_loadu_ps(pa.add(i + 8)),
-                    _mm256_loadu_ps(pb.add(i + 8)),
-                );
-                acc0 = _mm256_fmadd_ps(d0, d0, acc0);
-                acc1 = _mm256_fmadd_ps(d1, d1, acc1);
-                i += 16;
-            }
-            if i + 8 <= n {
-                let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-                acc0 = _mm256_fmadd_ps(d, d, acc0);
-                i += 8;
-            }
-            let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
-            while i < n {
-                sum += (a[i] - b[i]) * (a[i] - b[i]);
-                i += 1;
-            }
-            sum
+        while i + 16 <= n {
+            acc0 = accumulate::<SQUARED_DIFFERENCE>(load(pa, i), load(pb, i), acc0);
+            acc1 = accumulate::<SQUARED_DIFFERENCE>(load(pa, i + 8), load(pb, i + 8), acc1);
+            i += 16;
         }
+        if i + 8 <= n {
+            acc0 = accumulate::<SQUARED_DIFFERENCE>(load(pa, i), load(pb, i), acc0);
+            i += 8;
+        }
+        let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
+        for j in i..n {
+            let (x, y) = (a[j], b[j]);
+            sum += if SQUARED_DIFFERENCE {
+                (x - y) * (x - y)
+            } else {
+                x * y
+            };
+        }
+        sum
     }
 }
 

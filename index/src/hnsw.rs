@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::column::Column;
 use crate::distance::prefetch;
-use crate::quant::ScalarQuantizer;
+use crate::quant::{QueryCodes, ScalarQuantizer};
 use crate::{IndexError, Metric};
 
 /// Graph parameters, as in hnswlib.
@@ -123,17 +123,15 @@ impl Space for Exact<'_> {
 
 struct Coded<'a> {
     graph: &'a Hnsw,
-    query: &'a [f32],
-    quantizer: &'a ScalarQuantizer,
+    query: QueryCodes,
 }
 
 impl Space for Coded<'_> {
     #[inline]
     fn distance(&self, id: u32) -> f32 {
         let dim = self.graph.dim;
-        let codes = self.graph.codes.slice(id as usize * dim, dim);
-        self.quantizer
-            .distance(self.graph.metric, self.query, codes)
+        self.query
+            .distance(self.graph.codes.slice(id as usize * dim, dim))
     }
 
     #[inline]
@@ -620,8 +618,7 @@ impl Hnsw {
             Some(quantizer) if self.codes.len() == self.len() * self.dim => {
                 let coded = Coded {
                     graph: self,
-                    query: &query,
-                    quantizer,
+                    query: quantizer.prepare_query(self.metric, &query),
                 };
                 let mut rescored: Vec<Scored> = self
                     .walk(&coded, ef, filter)

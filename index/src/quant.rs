@@ -50,39 +50,76 @@ impl ScalarQuantizer {
         }));
     }
 
-    /// Distance between a prepared f32 query and a coded vector, in the metric's terms.
-    #[inline]
-    pub fn distance(&self, metric: Metric, query: &[f32], codes: &[i8]) -> f32 {
-        let value = |d: usize, c: i8| self.low[d] + self.step[d] * (c as f32 + 128.0);
+    /// The query folded with the ranges, so that a distance to codes costs one
+    /// multiply-add per dimension (see [`QueryCodes::distance`]).
+    pub fn prepare_query(&self, metric: Metric, query: &[f32]) -> QueryCodes {
+        // value_d = low_d + step_d·(c_d + 128) = offset_d + step_d·c_d
+        let offset = |d: usize| self.low[d] + 128.0 * self.step[d];
         match metric {
-            Metric::Cosine => 1.0 - self.sum(query, codes, |q, v| q * v, value),
-            Metric::Dot => -self.sum(query, codes, |q, v| q * v, value),
-            Metric::L2 => self.sum(query, codes, |q, v| (q - v) * (q - v), value),
+            Metric::Cosine | Metric::Dot => QueryCodes {
+                metric,
+                // q·value = Σ q_d·offset_d + Σ (q_d·step_d)·c_d
+                weights: (0..query.len()).map(|d| query[d] * self.step[d]).collect(),
+                residuals: Vec::new(),
+                constant: (0..query.len()).map(|d| query[d] * offset(d)).sum(),
+            },
+            Metric::L2 => QueryCodes {
+                metric,
+                // (q_d − value_d)² = ((q_d − offset_d) − step_d·c_d)²
+                weights: self.step.clone(),
+                residuals: (0..query.len()).map(|d| query[d] - offset(d)).collect(),
+                constant: 0.0,
+            },
         }
     }
+}
 
-    /// `Σ term(qᵢ, valueᵢ)` over eight accumulators, like the f32 distances.
-    #[inline(always)]
-    fn sum(
-        &self,
-        query: &[f32],
-        codes: &[i8],
-        term: impl Fn(f32, f32) -> f32,
-        value: impl Fn(usize, i8) -> f32,
-    ) -> f32 {
+/// A query prepared for distances to int8 codes.
+pub struct QueryCodes {
+    metric: Metric,
+    weights: Vec<f32>,
+    residuals: Vec<f32>,
+    constant: f32,
+}
+
+impl QueryCodes {
+    /// Distance to a coded vector, in the metric's terms.
+    #[inline]
+    pub fn distance(&self, codes: &[i8]) -> f32 {
         const LANES: usize = 8;
         let mut acc = [0f32; LANES];
-        let full = query.len() / LANES * LANES;
-        for base in (0..full).step_by(LANES) {
-            for (lane, sum) in acc.iter_mut().enumerate() {
-                let d = base + lane;
-                *sum += term(query[d], value(d, codes[d]));
+        let n = self.weights.len().min(codes.len());
+        let full = n / LANES * LANES;
+        match self.metric {
+            Metric::Cosine | Metric::Dot => {
+                let (w, c) = (&self.weights[..n], &codes[..n]);
+                for base in (0..full).step_by(LANES) {
+                    for (lane, sum) in acc.iter_mut().enumerate() {
+                        *sum += w[base + lane] * c[base + lane] as f32;
+                    }
+                }
+                let tail: f32 = (full..n).map(|d| w[d] * c[d] as f32).sum();
+                let dot = self.constant + acc.iter().sum::<f32>() + tail;
+                if self.metric == Metric::Cosine {
+                    1.0 - dot
+                } else {
+                    -dot
+                }
+            }
+            Metric::L2 => {
+                let (w, r, c) = (&self.weights[..n], &self.residuals[..n], &codes[..n]);
+                let term = |d: usize| {
+                    let t = r[d] - w[d] * c[d] as f32;
+                    t * t
+                };
+                for base in (0..full).step_by(LANES) {
+                    for (lane, sum) in acc.iter_mut().enumerate() {
+                        *sum += term(base + lane);
+                    }
+                }
+                acc.iter().sum::<f32>() + (full..n).map(term).sum::<f32>()
             }
         }
-        let tail: f32 = (full..query.len())
-            .map(|d| term(query[d], value(d, codes[d])))
-            .sum();
-        acc.iter().sum::<f32>() + tail
     }
 }
 
@@ -109,7 +146,7 @@ mod tests {
                 let mut codes = Vec::new();
                 quantizer.encode(&pair[1], &mut codes);
                 let exact = metric.distance(&pair[0], &pair[1]);
-                let coded = quantizer.distance(metric, &pair[0], &codes);
+                let coded = quantizer.prepare_query(metric, &pair[0]).distance(&codes);
                 let scale = exact.abs().max(1.0);
                 assert!(
                     (exact - coded).abs() / scale < 0.01,

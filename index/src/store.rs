@@ -700,6 +700,16 @@ fn read_checkpoint(path: &Path, verify: bool) -> Result<Collection> {
     };
     let graph = Hnsw::from_columns(config.dim, config.metric, config.hnsw, graph)
         .map_err(|reason| corrupt(path, reason))?;
+    let nodes = le_u64(header, 32).unwrap_or_default();
+    if nodes != graph.len() as u64 {
+        return Err(corrupt(
+            path,
+            format!(
+                "the header counts {nodes} points, the sections {}",
+                graph.len()
+            ),
+        ));
+    }
     Collection::from_columns(
         config,
         graph,

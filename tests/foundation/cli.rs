@@ -138,3 +138,134 @@ fn interactive_chat_answers_from_stdin() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("Paris"), "{stdout:?}");
 }
+
+/// Deterministic, well-spread rows (no random crate needed).
+fn rows(count: usize, dim: usize, seed: usize) -> Vec<f32> {
+    (0..count * dim)
+        .map(|i| ((i * 7919 + seed * 104_729) as f32 * 0.618_034).sin())
+        .collect()
+}
+
+#[test]
+fn index_build_and_query_return_the_brute_force_neighbours() {
+    use moera::index::npy::{Matrix, read_matrix, write_matrix};
+    let dir = tempfile::tempdir().unwrap();
+    let (dim, base_rows, query_rows, k) = (16, 3000, 40, 10);
+    let base = Matrix {
+        rows: base_rows,
+        cols: dim,
+        data: rows(base_rows, dim, 1),
+    };
+    let queries = Matrix {
+        rows: query_rows,
+        cols: dim,
+        data: rows(query_rows, dim, 2),
+    };
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    write_matrix(dir.path().join("base.npy").as_path(), &base).unwrap();
+    write_matrix(dir.path().join("queries.npy").as_path(), &queries).unwrap();
+    let built = moera(&[
+        "index",
+        "build",
+        "--npy",
+        &path("base.npy"),
+        "--out",
+        &path("idx"),
+        "--metric",
+        "l2",
+        "--threads",
+        "2",
+    ]);
+    assert!(String::from_utf8_lossy(&built.stdout).contains("built 3000 points"));
+    let queried = moera(&[
+        "index",
+        "query",
+        "--index",
+        &path("idx"),
+        "--npy",
+        &path("queries.npy"),
+        "--k",
+        "10",
+        "--ef",
+        "128",
+        "--out",
+        &path("ids.npy"),
+    ]);
+    let report = String::from_utf8_lossy(&queried.stdout);
+    assert!(
+        report.contains("opened 3000 points") && report.contains("QPS"),
+        "{report}"
+    );
+    let ids = read_matrix::<i64>(dir.path().join("ids.npy").as_path()).unwrap();
+    assert_eq!((ids.rows, ids.cols), (query_rows, k));
+    let mut found = 0;
+    for q in 0..query_rows {
+        // Brute force: squared L2 to every base row.
+        let mut exact: Vec<(f32, i64)> = (0..base_rows)
+            .map(|b| {
+                let d = queries
+                    .row(q)
+                    .iter()
+                    .zip(base.row(b))
+                    .map(|(x, y)| (x - y) * (x - y));
+                (d.sum(), b as i64)
+            })
+            .collect();
+        exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let exact: Vec<i64> = exact[..k].iter().map(|e| e.1).collect();
+        found += ids.row(q).iter().filter(|id| exact.contains(id)).count();
+    }
+    let recall = found as f64 / (query_rows * k) as f64;
+    assert!(recall >= 0.98, "recall@10 {recall}");
+
+    // Bad input: a clear error and a failing exit status, never a panic.
+    let fails = |args: &[&str], expected: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_moera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    };
+    fails(
+        &[
+            "index",
+            "build",
+            "--npy",
+            &path("base.npy"),
+            "--out",
+            &path("idx"),
+        ],
+        "already exists",
+    );
+    fails(
+        &[
+            "index",
+            "query",
+            "--index",
+            &path("idx"),
+            "--npy",
+            &path("ids.npy"),
+            "--out",
+            &path("x.npy"),
+        ],
+        "<f4",
+    );
+    fails(
+        &[
+            "index",
+            "query",
+            "--index",
+            &path("nowhere"),
+            "--npy",
+            &path("queries.npy"),
+            "--out",
+            &path("x.npy"),
+        ],
+        "no collection here",
+    );
+}
