@@ -78,7 +78,7 @@ fn kernels() -> &'static Kernels {
 
 /// Explicit AVX2 + FMA kernels: two 8-lane accumulators, then a scalar tail.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Only reachable through `kernels()`, after the CPU was seen to have AVX2 and FMA.
@@ -93,7 +93,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256) -> f32 {
+    pub(crate) fn horizontal_sum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))

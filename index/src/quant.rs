@@ -86,40 +86,119 @@ impl QueryCodes {
     /// Distance to a coded vector, in the metric's terms.
     #[inline]
     pub fn distance(&self, codes: &[i8]) -> f32 {
-        const LANES: usize = 8;
-        let mut acc = [0f32; LANES];
-        let n = self.weights.len().min(codes.len());
-        let full = n / LANES * LANES;
+        let kernels = coded_kernels();
         match self.metric {
-            Metric::Cosine | Metric::Dot => {
-                let (w, c) = (&self.weights[..n], &codes[..n]);
-                for base in (0..full).step_by(LANES) {
-                    for (lane, sum) in acc.iter_mut().enumerate() {
-                        *sum += w[base + lane] * c[base + lane] as f32;
-                    }
-                }
-                let tail: f32 = (full..n).map(|d| w[d] * c[d] as f32).sum();
-                let dot = self.constant + acc.iter().sum::<f32>() + tail;
-                if self.metric == Metric::Cosine {
-                    1.0 - dot
-                } else {
-                    -dot
-                }
-            }
-            Metric::L2 => {
-                let (w, r, c) = (&self.weights[..n], &self.residuals[..n], &codes[..n]);
-                let term = |d: usize| {
-                    let t = r[d] - w[d] * c[d] as f32;
-                    t * t
-                };
-                for base in (0..full).step_by(LANES) {
-                    for (lane, sum) in acc.iter_mut().enumerate() {
-                        *sum += term(base + lane);
-                    }
-                }
-                acc.iter().sum::<f32>() + (full..n).map(term).sum::<f32>()
-            }
+            Metric::Cosine => 1.0 - self.constant - (kernels.dot)(&self.weights, codes),
+            Metric::Dot => -self.constant - (kernels.dot)(&self.weights, codes),
+            Metric::L2 => (kernels.l2)(&self.weights, &self.residuals, codes),
         }
+    }
+}
+
+/// `Σ wᵢ·cᵢ` and `Σ (rᵢ − wᵢ·cᵢ)²` over codes: AVX2 + FMA when the CPU has them.
+struct CodedKernels {
+    dot: fn(&[f32], &[i8]) -> f32,
+    l2: fn(&[f32], &[f32], &[i8]) -> f32,
+}
+
+fn coded_kernels() -> &'static CodedKernels {
+    static KERNELS: std::sync::OnceLock<CodedKernels> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return CodedKernels {
+                // SAFETY: the features were detected just above.
+                dot: |w, c| unsafe { avx2::dot(w, c) },
+                l2: |w, r, c| unsafe { avx2::l2(w, r, c) },
+            };
+        }
+        CodedKernels {
+            dot: portable_dot,
+            l2: portable_l2,
+        }
+    })
+}
+
+const LANES: usize = 8;
+
+/// The portable kernels, in eight accumulators the compiler vectorizes.
+fn portable_dot(w: &[f32], c: &[i8]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = w.len().min(c.len());
+    let full = n / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (lane, sum) in acc.iter_mut().enumerate() {
+            *sum += w[base + lane] * c[base + lane] as f32;
+        }
+    }
+    acc.iter().sum::<f32>() + (full..n).map(|d| w[d] * c[d] as f32).sum::<f32>()
+}
+
+fn portable_l2(w: &[f32], r: &[f32], c: &[i8]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = w.len().min(r.len()).min(c.len());
+    let full = n / LANES * LANES;
+    let term = |d: usize| {
+        let t = r[d] - w[d] * c[d] as f32;
+        t * t
+    };
+    for base in (0..full).step_by(LANES) {
+        for (lane, sum) in acc.iter_mut().enumerate() {
+            *sum += term(base + lane);
+        }
+    }
+    acc.iter().sum::<f32>() + (full..n).map(term).sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::distance::avx2::horizontal_sum;
+
+    /// Eight codes from `at`, widened to f32.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes8(c: &[i8], at: usize) -> __m256 {
+        // SAFETY: the caller keeps at + 8 ≤ c.len().
+        let bytes = unsafe { _mm_loadl_epi64(c.as_ptr().add(at).cast()) };
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(w: &[f32], c: &[i8]) -> f32 {
+        let n = w.len().min(c.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n for both slices.
+            let weights = unsafe { _mm256_loadu_ps(w.as_ptr().add(i)) };
+            acc = _mm256_fmadd_ps(weights, unsafe { codes8(c, i) }, acc);
+            i += 8;
+        }
+        horizontal_sum(acc) + (i..n).map(|d| w[d] * c[d] as f32).sum::<f32>()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn l2(w: &[f32], r: &[f32], c: &[i8]) -> f32 {
+        let n = w.len().min(r.len()).min(c.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n for all three slices.
+            let (weights, residuals) = unsafe {
+                (
+                    _mm256_loadu_ps(w.as_ptr().add(i)),
+                    _mm256_loadu_ps(r.as_ptr().add(i)),
+                )
+            };
+            let t = _mm256_fnmadd_ps(weights, unsafe { codes8(c, i) }, residuals);
+            acc = _mm256_fmadd_ps(t, t, acc);
+            i += 8;
+        }
+        let tail = (i..n)
+            .map(|d| (r[d] - w[d] * c[d] as f32).powi(2))
+            .sum::<f32>();
+        horizontal_sum(acc) + tail
     }
 }
 
@@ -153,6 +232,25 @@ mod tests {
                     "{metric:?}: {exact} vs {coded}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn dispatched_coded_kernels_agree_with_the_portable_ones() {
+        for len in 0..40 {
+            let w: Vec<f32> = (0..len).map(|i| (i as f32 * 0.3).sin()).collect();
+            let r: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).cos()).collect();
+            let c: Vec<i8> = (0..len).map(|i| ((i * 37) % 256) as u8 as i8).collect();
+            let close = |x: f32, y: f32| (x - y).abs() <= 1e-3 * (1.0 + y.abs());
+            let kernels = coded_kernels();
+            assert!(
+                close((kernels.dot)(&w, &c), portable_dot(&w, &c)),
+                "dot {len}"
+            );
+            assert!(
+                close((kernels.l2)(&w, &r, &c), portable_l2(&w, &r, &c)),
+                "l2 {len}"
+            );
         }
     }
 
