@@ -166,6 +166,13 @@ fn query(args: QueryArgs) -> Result<()> {
             collection.config().dim
         );
     }
+    let Some(id_count) = queries
+        .rows
+        .checked_mul(args.k)
+        .filter(|_| args.k <= 1 << 20)
+    else {
+        bail!("--k {} is too large", args.k);
+    };
     let pool = pool(args.threads)?;
     let started = Instant::now();
     let results = pool.install(|| {
@@ -178,7 +185,7 @@ fn query(args: QueryArgs) -> Result<()> {
     let mut ids = Matrix {
         rows: queries.rows,
         cols: args.k,
-        data: vec![-1i64; queries.rows * args.k],
+        data: vec![-1i64; id_count],
     };
     for (row, hits) in results.iter().enumerate() {
         for (slot, hit) in ids.data[row * args.k..].iter_mut().zip(hits) {

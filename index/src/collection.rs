@@ -257,11 +257,10 @@ impl Collection {
     /// Live `(id, node)` pairs in id order, after `after`: the checkpoint's sorted index
     /// merged with the changes since, which win where both hold an id.
     fn live_nodes(&self, after: Option<u64>) -> impl Iterator<Item = (u64, u32)> + '_ {
-        let start = after.map_or(0, |a| self.sorted_position(a.saturating_add(1)));
-        let start = if after == Some(u64::MAX) {
-            self.sorted_ids.len()
-        } else {
-            start
+        let start = match after {
+            None => 0,
+            Some(u64::MAX) => self.sorted_ids.len(),
+            Some(a) => self.sorted_position(a + 1),
         };
         let mut base = (start..self.sorted_ids.len())
             .map(|i| (self.sorted_ids.get(i), self.sorted_nodes.get(i)))

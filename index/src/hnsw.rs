@@ -299,6 +299,14 @@ impl Hnsw {
         }
     }
 
+    /// A checked copy of `vector` in stored form (normalized for cosine).
+    fn prepared(&self, vector: &[f32]) -> Result<Vec<f32>, IndexError> {
+        self.check(vector)?;
+        let mut stored = vector.to_vec();
+        self.metric.prepare(&mut stored);
+        Ok(stored)
+    }
+
     fn check(&self, vector: &[f32]) -> Result<(), IndexError> {
         if vector.len() != self.dim {
             return Err(IndexError::Dimension {
@@ -364,9 +372,7 @@ impl Hnsw {
 
     /// Searches the graph for the neighbours of a new vector on each of its levels.
     pub(crate) fn plan(&self, vector: &[f32], level: usize) -> Result<Plan, IndexError> {
-        self.check(vector)?;
-        let mut stored = vector.to_vec();
-        self.metric.prepare(&mut stored);
+        let stored = self.prepared(vector)?;
         let mut links = vec![Vec::new(); level + 1];
         if let Some(entry) = self.entry {
             let exact = self.exact(&stored);
@@ -610,9 +616,7 @@ impl Hnsw {
         ef: usize,
         filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Hit>, IndexError> {
-        self.check(query)?;
-        let mut query = query.to_vec();
-        self.metric.prepare(&mut query);
+        let query = self.prepared(query)?;
         let ef = ef.max(k);
         let found = match &self.quantizer {
             Some(quantizer) if self.codes.len() == self.len() * self.dim => {
@@ -665,9 +669,7 @@ impl Hnsw {
         k: usize,
         filter: Option<NodeFilter<'_>>,
     ) -> Result<Vec<Hit>, IndexError> {
-        self.check(query)?;
-        let mut query = query.to_vec();
-        self.metric.prepare(&mut query);
+        let query = self.prepared(query)?;
         let mut best = BinaryHeap::new();
         for id in 0..self.len() as u32 {
             if filter.is_some_and(|f| !f(id)) {

@@ -58,6 +58,7 @@ impl ScalarQuantizer {
         match metric {
             Metric::Cosine | Metric::Dot => QueryCodes {
                 metric,
+                kernels: coded_kernels(),
                 // q·value = Σ q_d·offset_d + Σ (q_d·step_d)·c_d
                 weights: (0..query.len()).map(|d| query[d] * self.step[d]).collect(),
                 residuals: Vec::new(),
@@ -65,6 +66,7 @@ impl ScalarQuantizer {
             },
             Metric::L2 => QueryCodes {
                 metric,
+                kernels: coded_kernels(),
                 // (q_d − value_d)² = ((q_d − offset_d) − step_d·c_d)²
                 weights: self.step.clone(),
                 residuals: (0..query.len()).map(|d| query[d] - offset(d)).collect(),
@@ -77,6 +79,8 @@ impl ScalarQuantizer {
 /// A query prepared for distances to int8 codes.
 pub struct QueryCodes {
     metric: Metric,
+    /// Chosen once per query, so the walk does not dispatch again per distance.
+    kernels: &'static CodedKernels,
     weights: Vec<f32>,
     residuals: Vec<f32>,
     constant: f32,
@@ -86,7 +90,7 @@ impl QueryCodes {
     /// Distance to a coded vector, in the metric's terms.
     #[inline]
     pub fn distance(&self, codes: &[i8]) -> f32 {
-        let kernels = coded_kernels();
+        let kernels = self.kernels;
         match self.metric {
             Metric::Cosine => 1.0 - self.constant - (kernels.dot)(&self.weights, codes),
             Metric::Dot => -self.constant - (kernels.dot)(&self.weights, codes),

@@ -260,6 +260,21 @@ fn index_build_and_query_return_the_brute_force_neighbours() {
             "index",
             "query",
             "--index",
+            &path("idx"),
+            "--npy",
+            &path("queries.npy"),
+            "--k",
+            "99999999999999",
+            "--out",
+            &path("x.npy"),
+        ],
+        "too large",
+    );
+    fails(
+        &[
+            "index",
+            "query",
+            "--index",
             &path("nowhere"),
             "--npy",
             &path("queries.npy"),
