@@ -38,8 +38,12 @@ pub enum Error {
     Safetensors { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("{path}: unknown architecture `{architecture}`")]
-    UnknownArchitecture { path: PathBuf, architecture: String },
+    #[error("{path}: unknown architecture `{architecture}` (supported: {supported})")]
+    UnknownArchitecture {
+        path: PathBuf,
+        architecture: String,
+        supported: String,
+    },
     #[error("{path}: {source}")]
     Model {
         path: PathBuf,

@@ -35,4 +35,5 @@ pub use device::DeviceKind;
 pub use error::{Error, Result};
 pub use generate::{FinishReason, Generation, GenerationRequest, Prompt, TokenEvent, Usage};
 pub use model::{LoadProgress, Model, Perplexity};
+pub use moera_models::{RouterTrace, Routing};
 pub use sampler::{Sampler, SamplingParams};

@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, TensorData};
-use moera_models::llama::{self, Llama, LlamaConfig};
+use moera_models::Architecture;
+use moera_models::factory::{gguf_name, hf_config_from_gguf};
 use moera_models::nn::token_tensor;
-use moera_models::{CausalLm, LogitsMode, ModelError};
+use moera_models::{CausalLm, LogitsMode, ModelError, RouterTrace};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
@@ -136,8 +137,25 @@ impl Model {
         }
     }
 
+    /// The architecture itself, for driving a [`moera_models::KvCache`] directly.
+    pub fn causal_lm(&self) -> &dyn CausalLm {
+        self.inner.as_ref()
+    }
+
     /// f32 logits `[ids.len(), vocab]` of every position of one sequence, row-major.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.logits_traced(ids, None)
+    }
+
+    /// [`Model::logits`] plus the routing of every position in each MoE layer: chosen
+    /// experts, their weights and the router logits (empty for dense models).
+    pub fn logits_with_routing(&self, ids: &[u32]) -> Result<(Vec<f32>, RouterTrace)> {
+        let mut trace = RouterTrace::default();
+        let logits = self.logits_traced(ids, Some(&mut trace))?;
+        Ok((logits, trace))
+    }
+
+    fn logits_traced(&self, ids: &[u32], trace: Option<&mut RouterTrace>) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -151,7 +169,9 @@ impl Model {
         }
         let mut cache = self.inner.new_cache(1, ids.len());
         let tokens = token_tensor(ids, 1, &self.device());
-        let logits = self.inner.forward(tokens, &mut cache, LogitsMode::All)?;
+        let logits = self
+            .inner
+            .forward_traced(tokens, &mut cache, LogitsMode::All, trace)?;
         Ok(to_f32_vec(logits.into_data())?)
     }
 
@@ -247,6 +267,19 @@ fn json_token(value: Option<&Json>) -> Option<String> {
     }
 }
 
+/// An unsupported architecture becomes [`Error::UnknownArchitecture`]; anything else
+/// an error about `path`.
+fn architecture_error(path: &Path, e: ModelError) -> Error {
+    match e {
+        ModelError::UnsupportedArchitecture { name, supported } => Error::UnknownArchitecture {
+            path: path.to_path_buf(),
+            architecture: name,
+            supported,
+        },
+        other => model_error(path)(other),
+    }
+}
+
 fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     move |source| Error::Model {
         path: path.to_path_buf(),
@@ -261,35 +294,25 @@ fn load_folder(
 ) -> Result<Model> {
     let config_path = dir.join("config.json");
     let config_json = read_json(&config_path)?;
-    let architecture = config_json
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Json::as_str)
-        .or_else(|| config_json.get("model_type").and_then(Json::as_str))
-        .unwrap_or("")
-        .to_string();
-    if !matches!(architecture.as_str(), "LlamaForCausalLM" | "llama") {
-        return Err(Error::UnknownArchitecture {
-            path: config_path,
-            architecture,
-        });
-    }
-    let config: LlamaConfig =
-        serde_json::from_value(config_json.clone()).map_err(|e| Error::Config {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
-    config.validate().map_err(model_error(&config_path))?;
+    let architecture = Architecture::from_hf_config(&config_json)
+        .map_err(|e| architecture_error(&config_path, e))?;
     let weights = SafetensorsWeights::open_folder(dir)?;
-    let model = Llama::load(&config, &weights, device, progress).map_err(|e| {
-        let path = match &e {
-            ModelError::ShapeMismatch { name, .. } | ModelError::Weights { name, .. } => {
-                weights.path_of(name).unwrap_or(dir)
+    let model = architecture
+        .load(&config_json, &weights, device, progress)
+        .map_err(|e| match e {
+            ModelError::ConfigJson(reason) => Error::Config {
+                path: config_path.clone(),
+                reason,
+            },
+            ModelError::ShapeMismatch { ref name, .. }
+            | ModelError::Weights { ref name, .. }
+            | ModelError::ExpertCount { ref name, .. } => {
+                model_error(weights.path_of(name).unwrap_or(dir))(e)
             }
-            _ => dir,
-        };
-        model_error(path)(e)
-    })?;
+            ModelError::Config(_) => model_error(&config_path)(e),
+            _ => model_error(dir)(e),
+        })?;
+    let architecture = architecture.model_type().to_string();
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
@@ -369,24 +392,29 @@ fn load_gguf(
         .architecture()
         .ok_or_else(|| file.config_error("GGUF metadata lacks general.architecture"))?
         .to_string();
-    if architecture != "llama" {
-        return Err(Error::UnknownArchitecture {
-            path: path.to_path_buf(),
-            architecture,
-        });
-    }
     let vocab_size = file
         .tensor_info("token_embd.weight")
         .map(|t| t.shape()[0])
         .ok_or_else(|| model_error(path)(ModelError::MissingTensor("token_embd.weight".into())))?;
-    let config =
-        LlamaConfig::from_gguf(&file, &architecture, vocab_size).map_err(model_error(path))?;
+    let has_tensor = |name: &str| file.tensor_info(name).is_some();
+    let (kind, config) = hf_config_from_gguf(&file, &architecture, vocab_size, &has_tensor)
+        .map_err(|e| architecture_error(path, e))?;
+    // llama.cpp permutes Q/K rows for its rotary layout in `llama` files only.
+    let unpermute_qk = (architecture == "llama").then(|| {
+        let heads = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
+        let kv_heads = config["num_key_value_heads"]
+            .as_u64()
+            .map_or(heads, |v| v as usize);
+        (heads, kv_heads)
+    });
     let weights = GgufWeights {
         file: &file,
-        name_map: llama::gguf_name,
-        unpermute_qk: Some((config.num_attention_heads, config.kv_heads())),
+        name_map: gguf_name,
+        unpermute_qk,
     };
-    let model = Llama::load(&config, &weights, device, progress).map_err(model_error(path))?;
+    let model = kind
+        .load(&config, &weights, device, progress)
+        .map_err(model_error(path))?;
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
         Some(

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Tensor};
 
-/// Keys and values of one attention layer: `[batch, kv_heads, capacity, head_dim]`.
+/// Keys and values of one attention layer: `[batch, kv_heads, capacity, key_dim or value_dim]`.
 #[derive(Debug, Clone)]
 struct LayerCache {
     // Held in an `Option` so `append` can move the tensor into `slice_assign`: a uniquely
@@ -20,18 +20,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache whose keys are `key_dim` wide and values `value_dim` wide per head (they
+    /// differ where a layer caches something else, e.g. DeepSeek's compressed latents).
     pub fn new(
         layers: usize,
         batch: usize,
         kv_heads: usize,
-        head_dim: usize,
+        [key_dim, value_dim]: [usize; 2],
         capacity: usize,
         device: &Device,
     ) -> Self {
-        let shape = [batch, kv_heads, capacity, head_dim];
         let layer = || LayerCache {
-            keys: Some(Tensor::zeros(shape, device)),
-            values: Some(Tensor::zeros(shape, device)),
+            keys: Some(Tensor::zeros([batch, kv_heads, capacity, key_dim], device)),
+            values: Some(Tensor::zeros(
+                [batch, kv_heads, capacity, value_dim],
+                device,
+            )),
         };
         Self {
             layers: (0..layers).map(|_| layer()).collect(),
@@ -71,17 +75,17 @@ impl KvCache {
         keys: Tensor<4>,
         values: Tensor<4>,
     ) -> (Tensor<4>, Tensor<4>) {
-        let [batch, heads, seq, head_dim] = keys.dims();
-        let (start, end) = (self.len, self.len + seq);
-        let ranges = [0..batch, 0..heads, start..end, 0..head_dim];
-        let filled = [0..batch, 0..heads, 0..end, 0..head_dim];
+        let (start, end) = (self.len, self.len + keys.dims()[2]);
         let entry = &mut self.layers[layer];
         let write = |slot: &mut Option<Tensor<4>>, new: Tensor<4>| {
+            let [batch, heads, _, width] = new.dims();
             let updated = slot
                 .take()
                 .expect("cache slot is always refilled")
-                .slice_assign(ranges.clone(), new);
-            let visible = updated.clone().slice(filled.clone());
+                .slice_assign([0..batch, 0..heads, start..end, 0..width], new);
+            let visible = updated
+                .clone()
+                .slice([0..batch, 0..heads, 0..end, 0..width]);
             *slot = Some(updated);
             visible
         };

@@ -3,12 +3,25 @@
 //! An architecture builds itself from a [`WeightSource`] (tensors by their Hugging Face
 //! names, whatever the file format) and runs as a [`CausalLm`] over a [`KvCache`].
 
+pub mod attention;
 pub mod cache;
+pub mod config;
+pub mod decoder;
+pub mod deepseek;
+pub mod factory;
+pub mod gpt_oss;
 pub mod llama;
+pub mod mixtral;
+pub mod moe;
 pub mod nn;
+pub mod olmoe;
+pub mod qwen_moe;
 pub mod rope;
 
 pub use cache::KvCache;
+pub use decoder::{Decoder, RouterTrace};
+pub use factory::{Architecture, SUPPORTED_ARCHITECTURES, SUPPORTED_GGUF_ARCHITECTURES};
+pub use moe::Routing;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -25,12 +38,20 @@ pub enum ModelError {
     },
     #[error("invalid model config: {0}")]
     Config(String),
-    #[error("unsupported architecture `{0}`")]
-    UnsupportedArchitecture(String),
+    #[error("config.json does not describe the architecture: {0}")]
+    ConfigJson(String),
+    #[error("unsupported architecture `{name}` (supported: {supported})")]
+    UnsupportedArchitecture { name: String, supported: String },
     #[error("sequence of {requested} tokens exceeds the KV cache capacity of {capacity}")]
     ContextOverflow { requested: usize, capacity: usize },
     #[error("failed to read tensor `{name}`: {reason}")]
     Weights { name: String, reason: String },
+    #[error("tensor `{name}` holds {found} experts, but the config says {config}")]
+    ExpertCount {
+        name: String,
+        config: usize,
+        found: usize,
+    },
 }
 
 /// A source of weights addressed by Hugging Face tensor names.
@@ -68,6 +89,16 @@ pub trait CausalLm: Send + Sync {
         tokens: Tensor<2, Int>,
         cache: &mut KvCache,
         mode: LogitsMode,
+    ) -> Result<Tensor<3>, ModelError> {
+        self.forward_traced(tokens, cache, mode, None)
+    }
+    /// [`CausalLm::forward`] that also appends each MoE layer's expert choices to `trace`.
+    fn forward_traced(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+        trace: Option<&mut RouterTrace>,
     ) -> Result<Tensor<3>, ModelError>;
     /// The device the weights live on.
     fn device(&self) -> Device;

@@ -88,12 +88,27 @@ pub fn transpose_2d(data: &TensorData) -> TensorData {
     let (rows, cols) = (data.shape()[0], data.shape()[1]);
     let values = data.as_slice::<f32>().expect("weight sources yield f32");
     let mut out = vec![0f32; values.len()];
-    for (r, row) in values.chunks_exact(cols).enumerate() {
+    transpose_into(values, cols, &mut out, rows);
+    TensorData::new(out, [cols, rows])
+}
+
+/// Writes the transpose of the row-major matrix `block` (rows of `cols` values) into `out`,
+/// whose rows are `stride` apart: element `(r, c)` lands at `out[c·stride + r]`. Used to
+/// stack expert matrices side by side as `[in, out]`.
+pub fn transpose_into(block: &[f32], cols: usize, out: &mut [f32], stride: usize) {
+    for (r, row) in block.chunks_exact(cols).enumerate() {
         for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
+            out[c * stride + r] = v;
         }
     }
-    TensorData::new(out, [cols, rows])
+}
+
+/// The f32 values of weight data, or an error naming the tensor.
+pub fn f32_values(data: TensorData, name: &str) -> Result<Vec<f32>, ModelError> {
+    data.try_into_vec::<f32>().map_err(|e| ModelError::Weights {
+        name: name.to_string(),
+        reason: format!("{e:?}"),
+    })
 }
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) · w`.
@@ -147,4 +162,45 @@ pub fn token_tensor(ids: &[u32], rows: usize, device: &Device) -> Tensor<2, Int>
     let cols = ids.len() / rows.max(1);
     let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
     Tensor::from_data(TensorData::new(ids, [rows, cols]), device)
+}
+
+impl RmsNorm {
+    /// Number of weights (the normalized width).
+    pub fn width(&self) -> usize {
+        self.weight.val().dims()[0]
+    }
+}
+
+/// The SwiGLU feed-forward block `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct GatedMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl GatedMlp {
+    /// Loads `{prefix}.{gate,up,down}_proj`.
+    pub fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let linear = |name: &str, inp: usize, out: usize| {
+            Linear::load(source, &format!("{prefix}.{name}"), inp, out, bias, device)
+        };
+        Ok(Self {
+            gate_proj: linear("gate_proj", hidden, intermediate)?,
+            up_proj: linear("up_proj", hidden, intermediate)?,
+            down_proj: linear("down_proj", intermediate, hidden)?,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gate = burn::tensor::activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
 }

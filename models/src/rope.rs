@@ -17,27 +17,76 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// YaRN: interpolated low frequencies, extrapolated high ones, a linear ramp between the
+    /// `beta_fast`/`beta_slow` correction dimensions, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+        attention_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The factor transformers multiplies into cos and sin (YaRN's attention temperature).
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
+/// YaRN's magnitude correction `0.1·m·ln(scale) + 1` (1 when not scaling up).
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
 }
 
 /// The rope parameters as written in `config.json`: the old `rope_scaling` object or the
 /// newer `rope_parameters` one (which also carries `rope_theta`).
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RopeParameters {
-    #[serde(alias = "type")]
     pub rope_type: Option<String>,
+    /// The older spelling of `rope_type` (some configs carry both).
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
     pub rope_theta: Option<f64>,
     pub factor: Option<f64>,
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<usize>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: Option<bool>,
 }
 
 impl RopeParameters {
-    pub fn scaling(&self) -> Result<RopeScaling, String> {
+    /// `rope_type`, or the older `type`, or `default`.
+    pub fn kind(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.legacy_type.as_deref())
+            .unwrap_or("default")
+    }
+
+    /// The scaling these parameters describe; `max_position_embeddings` fills YaRN's
+    /// defaults the way transformers does.
+    pub fn scaling(&self, max_position_embeddings: usize) -> Result<RopeScaling, String> {
         let need = |value: Option<f64>, key: &str| {
             value.ok_or_else(|| format!("rope scaling is missing `{key}`"))
         };
-        match self.rope_type.as_deref().unwrap_or("default") {
+        match self.kind() {
             "default" => Ok(RopeScaling::Default),
             "linear" => Ok(RopeScaling::Linear {
                 factor: need(self.factor, "factor")?,
@@ -50,6 +99,32 @@ impl RopeParameters {
                     .original_max_position_embeddings
                     .ok_or("rope scaling is missing `original_max_position_embeddings`")?,
             }),
+            "yarn" => {
+                let original = self
+                    .original_max_position_embeddings
+                    .unwrap_or(max_position_embeddings);
+                let factor = self
+                    .factor
+                    .unwrap_or(max_position_embeddings as f64 / original.max(1) as f64);
+                let truthy = |v: Option<f64>| v.filter(|&v| v != 0.0);
+                let attention_factor = match (
+                    self.attention_factor,
+                    truthy(self.mscale),
+                    truthy(self.mscale_all_dim),
+                ) {
+                    (Some(given), _, _) => given,
+                    (None, Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                Ok(RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: truthy(self.beta_fast).unwrap_or(32.0),
+                    beta_slow: truthy(self.beta_slow).unwrap_or(1.0),
+                    truncate: self.truncate.unwrap_or(true),
+                    attention_factor,
+                })
+            }
             other => Err(format!("unsupported rope type `{other}`")),
         }
     }
@@ -91,6 +166,42 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
                 })
                 .collect()
         }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // Dimension at which a frequency completes `rotations` turns over the old context.
+            let correction_dim = |rotations: f64| {
+                head_dim as f64
+                    * (original_max_position_embeddings as f64
+                        / (rotations * 2.0 * std::f64::consts::PI))
+                        .ln()
+                    / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0) as f32, high.min(head_dim as f64 - 1.0) as f32);
+            if low == high {
+                high += 0.001;
+            }
+            let factor = factor as f32;
+            base.iter()
+                .enumerate()
+                .map(|(i, &extrapolated)| {
+                    let position_freq = (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+                    let interpolated = 1.0 / (factor * position_freq);
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    interpolated * (1.0 - keep) + extrapolated * keep
+                })
+                .collect()
+        }
     }
 }
 
@@ -111,14 +222,15 @@ impl RotaryEmbedding {
         device: &Device,
     ) -> Self {
         let inv_freq = inverse_frequencies(head_dim, theta, scaling);
+        let attention_factor = scaling.attention_factor() as f32;
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * head_dim);
         let mut sin = Vec::with_capacity(max_positions * head_dim);
         for pos in 0..max_positions {
             let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().take(half).map(|a| a.cos()));
-                sin.extend(angles.iter().take(half).map(|a| a.sin()));
+                cos.extend(angles.iter().take(half).map(|a| a.cos() * attention_factor));
+                sin.extend(angles.iter().take(half).map(|a| a.sin() * attention_factor));
             }
         }
         let shape = [max_positions, head_dim];

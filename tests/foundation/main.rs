@@ -7,4 +7,5 @@ mod common;
 mod generation;
 mod gguf;
 mod llama_parity;
+mod moe_parity;
 mod smollm2;

@@ -1,0 +1,263 @@
+//! Multi-head attention with grouped keys/values and the options the architectures need:
+//! q/k RMSNorm (per head or over the whole projection), clipped q/k/v, biases, a sliding
+//! window and per-head attention sinks.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::nn::{Linear, RmsNorm};
+use crate::rope::RotaryEmbedding;
+use crate::{KvCache, ModelError, WeightSource};
+
+/// Where q/k RMSNorm applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One norm of `head_dim` weights applied to every head (Qwen3).
+    PerHead,
+    /// One norm over the whole q (and k) projection (OLMoE).
+    Projection,
+}
+
+/// Shape and options of a standard attention layer.
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Biases on q, k and v.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    pub norm_eps: f64,
+    /// Clamp q, k and v to `[-c, c]` after projection (OLMoE's `clip_qkv`).
+    pub clip_qkv: Option<f64>,
+    /// Keys further than this many positions behind a query are not attended to.
+    pub sliding_window: Option<usize>,
+    /// A learned logit per head that joins every softmax and is then dropped (GPT-OSS).
+    pub sinks: bool,
+}
+
+/// Settings that are not parameters.
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    clip_qkv: Option<f64>,
+    sliding_window: Option<usize>,
+    qk_norm: QkNorm,
+}
+
+/// Rotary multi-head attention over a KV cache.
+#[derive(Module, Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    sinks: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    shape: AttentionShape,
+}
+
+impl Attention {
+    /// Loads `{prefix}.{q,k,v,o}_proj` (+ `q_norm`, `k_norm`, `sinks` as `spec` says).
+    pub fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        spec: &AttentionSpec,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let q_width = spec.heads * spec.head_dim;
+        let kv_width = spec.kv_heads * spec.head_dim;
+        let linear = |name: &str, inp: usize, out: usize, bias: bool| {
+            Linear::load(source, &format!("{prefix}.{name}"), inp, out, bias, device)
+        };
+        let norm = |name: &str, width: usize| {
+            RmsNorm::load(
+                source,
+                &format!("{prefix}.{name}.weight"),
+                width,
+                spec.norm_eps,
+                device,
+            )
+        };
+        let (q_norm, k_norm) = match spec.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(norm("q_norm", spec.head_dim)?),
+                Some(norm("k_norm", spec.head_dim)?),
+            ),
+            QkNorm::Projection => (
+                Some(norm("q_norm", q_width)?),
+                Some(norm("k_norm", kv_width)?),
+            ),
+        };
+        let sinks = if spec.sinks {
+            let sinks =
+                crate::nn::load_checked(source, &format!("{prefix}.sinks"), [spec.heads], device)?;
+            Some(Param::from_tensor(sinks))
+        } else {
+            None
+        };
+        Ok(Self {
+            q_proj: linear("q_proj", spec.hidden, q_width, spec.qkv_bias)?,
+            k_proj: linear("k_proj", spec.hidden, kv_width, spec.qkv_bias)?,
+            v_proj: linear("v_proj", spec.hidden, kv_width, spec.qkv_bias)?,
+            o_proj: linear("o_proj", q_width, spec.hidden, spec.o_bias)?,
+            q_norm,
+            k_norm,
+            sinks,
+            shape: AttentionShape {
+                heads: spec.heads,
+                kv_heads: spec.kv_heads,
+                head_dim: spec.head_dim,
+                clip_qkv: spec.clip_qkv,
+                sliding_window: spec.sliding_window,
+                qk_norm: spec.qk_norm,
+            },
+        })
+    }
+
+    /// Width of a cached key and of a cached value.
+    pub fn cache_dims(&self) -> [usize; 2] {
+        [self.shape.head_dim; 2]
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.shape.kv_heads
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            clip_qkv,
+            sliding_window,
+            qk_norm,
+        } = self.shape;
+        let [batch, seq, _] = x.dims();
+        let start = cache.len();
+        let clip = |t: Tensor<3>| match clip_qkv {
+            Some(c) => t.clamp(-c, c),
+            None => t,
+        };
+        let mut q = self.q_proj.forward(x.clone());
+        let mut k = self.k_proj.forward(x.clone());
+        let v = clip(self.v_proj.forward(x));
+        if let (QkNorm::Projection, Some(q_norm), Some(k_norm)) =
+            (qk_norm, &self.q_norm, &self.k_norm)
+        {
+            q = q_norm.forward(q);
+            k = k_norm.forward(k);
+        }
+        let split =
+            |t: Tensor<3>, heads: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
+        let (mut q, mut k) = (split(clip(q), heads), split(clip(k), kv_heads));
+        if let (QkNorm::PerHead, Some(q_norm), Some(k_norm)) = (qk_norm, &self.q_norm, &self.k_norm)
+        {
+            q = q_norm.forward(q);
+            k = k_norm.forward(k);
+        }
+        let q = rope.apply(q, start);
+        let k = rope.apply(k, start);
+        let v = split(v, kv_heads);
+        let (keys, values) = cache.append(layer, k, v);
+        let mask = Mask {
+            start,
+            sliding_window,
+        };
+        let sinks = self.sinks.as_ref().map(|s| s.val());
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let context = attend(q, keys, values, scale, mask, sinks);
+        let context = context
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * head_dim]);
+        self.o_proj.forward(context)
+    }
+}
+
+/// Which keys each query sees: keys up to its own position, and with a window only the
+/// last `window` of them (transformers: `key > query - window`).
+#[derive(Debug, Clone, Copy)]
+pub struct Mask {
+    /// Position of the first query.
+    pub start: usize,
+    pub sliding_window: Option<usize>,
+}
+
+impl Mask {
+    fn allows(&self, query: usize, key: usize) -> bool {
+        let position = self.start + query;
+        key <= position && self.sliding_window.is_none_or(|w| key + w > position)
+    }
+
+    /// Whether every query sees every cached key (one query, no window in effect).
+    fn is_full(&self, seq: usize, total: usize) -> bool {
+        (0..seq).all(|q| (0..total).all(|k| self.allows(q, k)))
+    }
+}
+
+/// Scaled dot-product attention without repeating keys: the `g` query heads that share a
+/// key/value head are stacked along the sequence axis, so each KV head is read once.
+/// `q`: `[b, heads, t, d]`, `keys`: `[b, kv_heads, s, d]`, `values`: `[b, kv_heads, s, dv]`.
+/// `sinks` (`[heads]`) join each softmax as one extra logit whose probability is dropped.
+pub fn attend(
+    q: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    scale: f64,
+    mask: Mask,
+    sinks: Option<Tensor<1>>,
+) -> Tensor<4> {
+    let [batch, heads, seq, head_dim] = q.dims();
+    let [_, kv_heads, total, _] = keys.dims();
+    let value_dim = values.dims()[3];
+    let group = heads / kv_heads;
+    let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
+    let mut scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(scale);
+    if !mask.is_full(seq, total) {
+        scores = scores + mask_bias(mask, group, seq, total, &values.device());
+    }
+    let probs = match sinks {
+        Some(sinks) => {
+            let sink_logits = sinks
+                .reshape([1, kv_heads, group, 1, 1])
+                .expand([batch, kv_heads, group, seq, 1])
+                .reshape([batch, kv_heads, group * seq, 1]);
+            softmax(Tensor::cat(vec![scores, sink_logits], 3), 3).narrow(3, 0, total)
+        }
+        None => softmax(scores, 3),
+    };
+    probs.matmul(values).reshape([batch, heads, seq, value_dim])
+}
+
+/// Additive mask `[1, 1, group·seq, total]`: `-inf` where `mask` hides a key from a query.
+fn mask_bias(mask: Mask, group: usize, seq: usize, total: usize, device: &Device) -> Tensor<4> {
+    let mut bias = Vec::with_capacity(group * seq * total);
+    for _ in 0..group {
+        for query in 0..seq {
+            bias.extend((0..total).map(|key| {
+                if mask.allows(query, key) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [1, 1, group * seq, total]), device)
+}

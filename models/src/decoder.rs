@@ -1,0 +1,267 @@
+//! The pre-norm decoder every supported architecture shares:
+//! embedding → layers [RMSNorm → attention → residual → RMSNorm → MLP or MoE → residual]
+//! → RMSNorm → head. Architecture files build one from their config and weights.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::attention::Attention;
+use crate::config::BaseConfig;
+use crate::deepseek::LatentAttention;
+use crate::moe::{Routing, SparseMoe};
+use crate::nn::{Embedding, GatedMlp, Linear, RmsNorm, checked_data};
+use crate::rope::RotaryEmbedding;
+use crate::{CausalLm, KvCache, LogitsMode, ModelError, WeightSource};
+
+/// The attention of a layer.
+#[derive(Module, Debug)]
+pub enum Mixer {
+    Standard(Attention),
+    /// DeepSeek's multi-head latent attention.
+    Latent(LatentAttention),
+}
+
+impl Mixer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        match self {
+            Mixer::Standard(attn) => attn.forward(x, rope, cache, layer),
+            Mixer::Latent(attn) => attn.forward(x, rope, cache, layer),
+        }
+    }
+
+    fn cache_layout(&self) -> (usize, [usize; 2]) {
+        match self {
+            Mixer::Standard(attn) => (attn.kv_heads(), attn.cache_dims()),
+            Mixer::Latent(attn) => (1, attn.cache_dims()),
+        }
+    }
+}
+
+/// The feed-forward block of a layer.
+#[derive(Module, Debug)]
+pub enum FeedForward {
+    Dense(GatedMlp),
+    Sparse(SparseMoe),
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Mixer,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: FeedForward,
+}
+
+/// Expert choices recorded during forward passes, per MoE layer, in token order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouterTrace {
+    /// Layer index → routing of every token seen so far (prompt, then each decoded token).
+    pub layers: BTreeMap<usize, Routing>,
+}
+
+impl RouterTrace {
+    fn record(&mut self, layer: usize, routing: Routing) {
+        match self.layers.get_mut(&layer) {
+            Some(seen) => {
+                seen.logits.extend(routing.logits);
+                seen.ids.extend(routing.ids);
+                seen.weights.extend(routing.weights);
+            }
+            None => {
+                self.layers.insert(layer, routing);
+            }
+        }
+    }
+
+    /// Tokens routed to each expert, per MoE layer.
+    pub fn expert_counts(&self) -> BTreeMap<usize, Vec<usize>> {
+        self.layers
+            .iter()
+            .map(|(&layer, routing)| (layer, routing.expert_counts()))
+            .collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+    }
+}
+
+/// Settings of a decoder besides its weights.
+#[derive(Debug, Clone)]
+pub struct DecoderInfo {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub max_context: usize,
+}
+
+/// A decoder-only transformer with its output head.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    #[module(skip)]
+    rope: RotaryEmbedding,
+    #[module(skip)]
+    info: DecoderInfo,
+}
+
+impl Decoder {
+    /// Loads the embedding, final norm and head named as transformers does, and one layer
+    /// per `load_layer(index, "model.layers.{index}")` call; `progress` follows the layers.
+    pub fn load(
+        architecture: &str,
+        base: &BaseConfig,
+        rope: RotaryEmbedding,
+        source: &dyn WeightSource,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+        mut load_layer: impl FnMut(usize, &str) -> Result<DecoderLayer, ModelError>,
+    ) -> Result<Self, ModelError> {
+        let hidden = base.hidden_size;
+        let embed = checked_data(
+            source,
+            "model.embed_tokens.weight",
+            &[base.vocab_size, hidden],
+        )?;
+        let lm_head = if !base.tie_word_embeddings && source.contains("lm_head.weight") {
+            Linear::load(source, "lm_head", hidden, base.vocab_size, false, device)?
+        } else {
+            Linear::from_hf_weight(&embed, None, device)
+        };
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(Tensor::from_data(embed, device)),
+        };
+        let total = base.num_hidden_layers;
+        let mut layers = Vec::with_capacity(total);
+        for i in 0..total {
+            layers.push(load_layer(i, &format!("model.layers.{i}"))?);
+            progress(i + 1, total);
+        }
+        let norm = RmsNorm::load(
+            source,
+            "model.norm.weight",
+            hidden,
+            base.rms_norm_eps,
+            device,
+        )?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            info: DecoderInfo {
+                architecture: architecture.to_string(),
+                vocab_size: base.vocab_size,
+                hidden_size: hidden,
+                max_context: base.max_position_embeddings,
+            },
+        })
+    }
+
+    pub fn info(&self) -> &DecoderInfo {
+        &self.info
+    }
+
+    /// The two RMSNorms of layer `prefix` (`input_layernorm`, `post_attention_layernorm`).
+    pub fn layer_norms(
+        source: &dyn WeightSource,
+        prefix: &str,
+        base: &BaseConfig,
+        device: &Device,
+    ) -> Result<(RmsNorm, RmsNorm), ModelError> {
+        let norm = |name: &str| {
+            RmsNorm::load(
+                source,
+                &format!("{prefix}.{name}.weight"),
+                base.hidden_size,
+                base.rms_norm_eps,
+                device,
+            )
+        };
+        Ok((norm("input_layernorm")?, norm("post_attention_layernorm")?))
+    }
+}
+
+impl CausalLm for Decoder {
+    fn vocab_size(&self) -> usize {
+        self.info.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.info.max_context
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let capacity = capacity.min(self.rope.max_positions());
+        // Every layer of one model caches the same shape.
+        let (heads, dims) = self.layers[0].self_attn.cache_layout();
+        KvCache::new(
+            self.layers.len(),
+            batch,
+            heads,
+            dims,
+            capacity,
+            &self.device(),
+        )
+    }
+
+    fn forward_traced(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        mode: LogitsMode,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Tensor<3>, ModelError> {
+        let [batch, seq] = tokens.dims();
+        let requested = cache.len() + seq;
+        if requested > cache.capacity() {
+            return Err(ModelError::ContextOverflow {
+                requested,
+                capacity: cache.capacity(),
+            });
+        }
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                &self.rope,
+                cache,
+                i,
+            );
+            x = x + attn;
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            let ff = match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(h),
+                FeedForward::Sparse(moe) => {
+                    let (out, routing) = moe.forward(h)?;
+                    if let Some(trace) = trace.as_deref_mut() {
+                        trace.record(i, routing);
+                    }
+                    out
+                }
+            };
+            x = x + ff;
+        }
+        cache.advance(seq);
+        if mode == LogitsMode::Last && seq > 1 {
+            x = x.slice([0..batch, seq - 1..seq, 0..self.info.hidden_size]);
+        }
+        Ok(self.lm_head.forward(self.norm.forward(x)))
+    }
+
+    fn device(&self) -> Device {
+        self.norm.weight.val().device()
+    }
+}

@@ -1,0 +1,153 @@
+//! GPT-OSS: attention with q/k/v/o biases and a learned sink logit per head, a sliding
+//! window on the layers `layer_types` marks, and experts with a fused, interleaved
+//! `gate_up_proj`, biases and a clamped SwiGLU; routed top-k over biased logits, then
+//! softmax over the chosen.
+
+use burn::tensor::Device;
+use serde::Deserialize;
+
+use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::config::BaseConfig;
+use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::llama::rotary;
+use crate::moe::{
+    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+};
+use crate::{ModelError, WeightSource};
+
+/// `config.json` of a GPT-OSS model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptOssConfig {
+    #[serde(flatten)]
+    pub base: BaseConfig,
+    /// Each expert's hidden width.
+    pub intermediate_size: usize,
+    pub num_local_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default = "default_alpha")]
+    pub swiglu_alpha: f32,
+    #[serde(default = "default_limit")]
+    pub swiglu_limit: f32,
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+}
+
+fn default_alpha() -> f32 {
+    1.702
+}
+
+fn default_limit() -> f32 {
+    7.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl std::ops::Deref for GptOssConfig {
+    type Target = BaseConfig;
+
+    fn deref(&self) -> &BaseConfig {
+        &self.base
+    }
+}
+
+impl GptOssConfig {
+    pub fn router_spec(&self) -> RouterSpec {
+        RouterSpec {
+            num_experts: self.num_local_experts,
+            top_k: self.num_experts_per_tok,
+            method: RoutingMethod::TopKSoftmax,
+            scale: 1.0,
+            bias: true,
+        }
+    }
+
+    /// The sliding window of layer `i`: transformers' default alternates sliding and full
+    /// attention, starting with sliding.
+    pub fn sliding_window(&self, i: usize) -> Option<usize> {
+        let sliding = match &self.layer_types {
+            Some(types) => types.get(i).map(String::as_str) == Some("sliding_attention"),
+            None => i.is_multiple_of(2),
+        };
+        sliding.then_some(self.sliding_window).flatten()
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.base.validate(self.head_dim())?;
+        self.router_spec().validate()
+    }
+}
+
+/// Builds a GPT-OSS [`Decoder`] (unquantized weights; MXFP4 expert blocks are not read).
+pub fn load(
+    config: &GptOssConfig,
+    source: &dyn WeightSource,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder, ModelError> {
+    config.validate()?;
+    let hidden = config.hidden_size;
+    Decoder::load(
+        "gpt_oss",
+        config,
+        rotary(config, device)?,
+        source,
+        device,
+        progress,
+        |i, p| {
+            let (input_layernorm, post_attention_layernorm) =
+                Decoder::layer_norms(source, p, config, device)?;
+            let spec = AttentionSpec {
+                hidden,
+                heads: config.num_attention_heads,
+                kv_heads: config.kv_heads(),
+                head_dim: config.head_dim(),
+                qkv_bias: config.attention_bias,
+                o_bias: config.attention_bias,
+                qk_norm: QkNorm::None,
+                norm_eps: config.rms_norm_eps,
+                clip_qkv: None,
+                sliding_window: config.sliding_window(i),
+                sinks: true,
+            };
+            let mlp = format!("{p}.mlp");
+            Ok(DecoderLayer {
+                input_layernorm,
+                self_attn: Mixer::Standard(Attention::load(
+                    source,
+                    &format!("{p}.self_attn"),
+                    &spec,
+                    device,
+                )?),
+                post_attention_layernorm,
+                mlp: FeedForward::Sparse(SparseMoe {
+                    router: Router::load(
+                        source,
+                        &format!("{mlp}.router"),
+                        hidden,
+                        config.router_spec(),
+                        device,
+                    )?,
+                    experts: Experts::load(
+                        source,
+                        &mlp,
+                        ExpertLayout::InterleavedWithBias,
+                        [config.num_local_experts, hidden, config.intermediate_size],
+                        ExpertActivation::ClampedSwiGlu {
+                            alpha: config.swiglu_alpha,
+                            limit: config.swiglu_limit,
+                        },
+                        device,
+                    )?,
+                    shared: None,
+                    shared_gate: None,
+                }),
+            })
+        },
+    )
+}

@@ -1,0 +1,129 @@
+//! Mixtral: Llama attention (optionally with a sliding window) and a sparse MoE in every
+//! layer, routed softmax → top-k → renormalize.
+
+use burn::tensor::Device;
+use serde::Deserialize;
+
+use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::config::BaseConfig;
+use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::llama::rotary;
+use crate::moe::{
+    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+};
+use crate::{ModelError, WeightSource};
+
+/// `config.json` of a Mixtral model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MixtralConfig {
+    #[serde(flatten)]
+    pub base: BaseConfig,
+    /// Each expert's hidden width.
+    pub intermediate_size: usize,
+    pub num_local_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+impl std::ops::Deref for MixtralConfig {
+    type Target = BaseConfig;
+
+    fn deref(&self) -> &BaseConfig {
+        &self.base
+    }
+}
+
+impl MixtralConfig {
+    pub fn router_spec(&self) -> RouterSpec {
+        RouterSpec {
+            num_experts: self.num_local_experts,
+            top_k: self.num_experts_per_tok,
+            method: RoutingMethod::SoftmaxTopK { normalize: true },
+            scale: 1.0,
+            bias: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.base.validate(self.head_dim())?;
+        self.router_spec().validate()
+    }
+}
+
+/// Builds a Mixtral [`Decoder`]. Experts load from transformers' fused tensors, per-expert
+/// `w1/w2/w3` under `block_sparse_moe` (the original checkpoints) or GGUF's stacked ones.
+pub fn load(
+    config: &MixtralConfig,
+    source: &dyn WeightSource,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder, ModelError> {
+    config.validate()?;
+    let spec = AttentionSpec {
+        hidden: config.hidden_size,
+        heads: config.num_attention_heads,
+        kv_heads: config.kv_heads(),
+        head_dim: config.head_dim(),
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: QkNorm::None,
+        norm_eps: config.rms_norm_eps,
+        clip_qkv: None,
+        sliding_window: config.sliding_window,
+        sinks: false,
+    };
+    let sizes = [
+        config.num_local_experts,
+        config.hidden_size,
+        config.intermediate_size,
+    ];
+    Decoder::load(
+        "mixtral",
+        config,
+        rotary(config, device)?,
+        source,
+        device,
+        progress,
+        |_, p| {
+            let (input_layernorm, post_attention_layernorm) =
+                Decoder::layer_norms(source, p, config, device)?;
+            let (moe, layout) = if source.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+                (format!("{p}.block_sparse_moe"), ExpertLayout::MIXTRAL)
+            } else {
+                (format!("{p}.mlp"), ExpertLayout::MIXTRAL)
+            };
+            let router = Router::load(
+                source,
+                &format!("{moe}.gate"),
+                config.hidden_size,
+                config.router_spec(),
+                device,
+            )?;
+            let experts = Experts::load(
+                source,
+                &moe,
+                layout,
+                sizes,
+                ExpertActivation::SwiGlu,
+                device,
+            )?;
+            Ok(DecoderLayer {
+                input_layernorm,
+                self_attn: Mixer::Standard(Attention::load(
+                    source,
+                    &format!("{p}.self_attn"),
+                    &spec,
+                    device,
+                )?),
+                post_attention_layernorm,
+                mlp: FeedForward::Sparse(SparseMoe {
+                    router,
+                    experts,
+                    shared: None,
+                    shared_gate: None,
+                }),
+            })
+        },
+    )
+}

@@ -1,0 +1,766 @@
+//! Mixture-of-experts: the router (top-k gating in every variant the supported models use),
+//! experts stored stacked `[E, ...]`, and the reference sparse dispatch in plain burn ops.
+//!
+//! The dispatch computes only the selected experts: token rows are sorted by expert, each
+//! expert's MLP runs on its own rows, and the weighted results are scatter-added back.
+//! It is the path every backend runs today and the oracle for fused kernels.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::nn::{GatedMlp, Linear, checked_data, f32_values, load_checked, transpose_into};
+use crate::{ModelError, WeightSource};
+
+/// How router logits become expert ids and weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoutingMethod {
+    /// softmax → top-k, optionally renormalized to sum to one (Mixtral, Qwen-MoE, OLMoE).
+    SoftmaxTopK { normalize: bool },
+    /// softmax → top-k, with `groups` = (`n_group`, `topk_group`) first keeping only the
+    /// experts of the best groups by their highest score (DeepSeek-V2 greedy and
+    /// group-limited greedy).
+    SoftmaxGroupLimited { groups: Option<(usize, usize)> },
+    /// sigmoid, plus a per-expert correction bias for the choice only; groups ranked by the
+    /// sum of their two best biased scores; the unbiased scores of the chosen experts are the
+    /// weights, optionally renormalized (DeepSeek-V3).
+    SigmoidGroupLimited {
+        groups: (usize, usize),
+        normalize: bool,
+        correction_bias: Vec<f32>,
+    },
+    /// top-k over the raw logits, then softmax over the k chosen (GPT-OSS).
+    TopKSoftmax,
+}
+
+/// The routing of one MoE layer for a batch of token rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Router logits `[tokens, num_experts]` (before softmax/sigmoid), row-major.
+    pub logits: Vec<f32>,
+    /// Chosen experts `[tokens, top_k]`, best first.
+    pub ids: Vec<u32>,
+    /// Weights applied to the chosen experts' outputs `[tokens, top_k]`.
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    pub fn tokens(&self) -> usize {
+        self.ids.len() / self.top_k.max(1)
+    }
+
+    /// How many token slots each expert received.
+    pub fn expert_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.num_experts];
+        for &id in &self.ids {
+            counts[id as usize] += 1;
+        }
+        counts
+    }
+}
+
+/// Settings of a router besides its weights.
+#[derive(Debug, Clone)]
+pub struct RouterSpec {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub method: RoutingMethod,
+    /// Multiplies the final weights (`routed_scaling_factor`).
+    pub scale: f32,
+    /// A bias on the router logits (GPT-OSS).
+    pub bias: bool,
+}
+
+impl RouterSpec {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let fail = |msg: String| Err(ModelError::Config(msg));
+        if self.num_experts == 0 || self.top_k == 0 {
+            return fail("the number of experts and experts per token must be > 0".into());
+        }
+        if self.top_k > self.num_experts {
+            return fail(format!(
+                "num_experts_per_tok ({}) exceeds the number of experts ({})",
+                self.top_k, self.num_experts
+            ));
+        }
+        let groups = match &self.method {
+            RoutingMethod::SoftmaxGroupLimited { groups } => *groups,
+            RoutingMethod::SigmoidGroupLimited {
+                groups,
+                correction_bias,
+                ..
+            } => {
+                if correction_bias.len() != self.num_experts {
+                    return fail(format!(
+                        "e_score_correction_bias has {} entries for {} experts",
+                        correction_bias.len(),
+                        self.num_experts
+                    ));
+                }
+                Some(*groups)
+            }
+            _ => None,
+        };
+        if let Some((n_group, topk_group)) = groups {
+            let per_group = self.num_experts / n_group.max(1);
+            if n_group == 0
+                || !self.num_experts.is_multiple_of(n_group)
+                || topk_group == 0
+                || topk_group > n_group
+                || topk_group * per_group < self.top_k
+            {
+                return fail(format!(
+                    "n_group ({n_group}) and topk_group ({topk_group}) do not fit {} experts \
+                     with {} per token",
+                    self.num_experts, self.top_k
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The gating network: a linear map to one logit per expert, then [`RoutingMethod`].
+#[derive(Module, Debug)]
+pub struct Router {
+    gate: Linear,
+    #[module(skip)]
+    spec: RouterSpec,
+}
+
+/// Indices of the `k` largest values, best first (ties: the lower index).
+fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(k);
+    order
+}
+
+fn softmax_in_place(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in values.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in values.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Keeps the scores of the `keep` best groups (ranked by `group_score`) and replaces the
+/// others with `fill`.
+fn limit_to_groups(
+    scores: &[f32],
+    groups: usize,
+    keep: usize,
+    group_score: impl Fn(&[f32]) -> f32,
+    fill: f32,
+) -> Vec<f32> {
+    let per_group = scores.len() / groups;
+    let ranked: Vec<f32> = scores.chunks(per_group).map(group_score).collect();
+    let chosen = top_k_indices(&ranked, keep);
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if chosen.contains(&(i / per_group)) {
+                s
+            } else {
+                fill
+            }
+        })
+        .collect()
+}
+
+impl RouterSpec {
+    /// Chooses experts and weights for one token from its router logits.
+    pub fn route_token(&self, logits: &[f32]) -> (Vec<usize>, Vec<f32>) {
+        let k = self.top_k;
+        let (ids, mut weights) = match &self.method {
+            RoutingMethod::SoftmaxTopK { normalize } => {
+                let mut probs = logits.to_vec();
+                softmax_in_place(&mut probs);
+                let ids = top_k_indices(&probs, k);
+                let mut weights: Vec<f32> = ids.iter().map(|&i| probs[i]).collect();
+                if *normalize {
+                    let sum: f32 = weights.iter().sum();
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                }
+                (ids, weights)
+            }
+            RoutingMethod::SoftmaxGroupLimited { groups } => {
+                let mut probs = logits.to_vec();
+                softmax_in_place(&mut probs);
+                let eligible = match groups {
+                    Some((n_group, keep)) => limit_to_groups(
+                        &probs,
+                        *n_group,
+                        *keep,
+                        |g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                        0.0,
+                    ),
+                    None => probs,
+                };
+                let ids = top_k_indices(&eligible, k);
+                let weights = ids.iter().map(|&i| eligible[i]).collect();
+                (ids, weights)
+            }
+            RoutingMethod::SigmoidGroupLimited {
+                groups: (n_group, keep),
+                normalize,
+                correction_bias,
+            } => {
+                let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+                let biased: Vec<f32> = scores
+                    .iter()
+                    .zip(correction_bias)
+                    .map(|(s, b)| s + b)
+                    .collect();
+                let top_two_sum = |g: &[f32]| top_k_indices(g, 2).iter().map(|&i| g[i]).sum();
+                let eligible =
+                    limit_to_groups(&biased, *n_group, *keep, top_two_sum, f32::NEG_INFINITY);
+                let ids = top_k_indices(&eligible, k);
+                let mut weights: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
+                if *normalize {
+                    let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                }
+                (ids, weights)
+            }
+            RoutingMethod::TopKSoftmax => {
+                let ids = top_k_indices(logits, k);
+                let mut weights: Vec<f32> = ids.iter().map(|&i| logits[i]).collect();
+                softmax_in_place(&mut weights);
+                (ids, weights)
+            }
+        };
+        if self.scale != 1.0 {
+            weights.iter_mut().for_each(|w| *w *= self.scale);
+        }
+        (ids, weights)
+    }
+}
+
+impl Router {
+    /// Loads `{prefix}.weight` `[experts, hidden]` (and `{prefix}.bias` if the spec has one).
+    /// A different number of rows than the config's experts is an
+    /// [`ModelError::ExpertCount`] naming the tensor.
+    pub fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        hidden: usize,
+        spec: RouterSpec,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        spec.validate()?;
+        let name = format!("{prefix}.weight");
+        let weight = source.tensor(&name)?;
+        let shape = weight.shape().as_slice().to_vec();
+        if shape.len() == 2 && shape[1] == hidden && shape[0] != spec.num_experts {
+            return Err(ModelError::ExpertCount {
+                name,
+                config: spec.num_experts,
+                found: shape[0],
+            });
+        }
+        let weight = checked_data(source, &name, &[spec.num_experts, hidden])?;
+        let bias = if spec.bias {
+            let b = load_checked(
+                source,
+                &format!("{prefix}.bias"),
+                [spec.num_experts],
+                device,
+            )?;
+            Some(Param::from_tensor(b))
+        } else {
+            None
+        };
+        Ok(Self {
+            gate: Linear::from_hf_weight(&weight, bias, device),
+            spec,
+        })
+    }
+
+    pub fn spec(&self) -> &RouterSpec {
+        &self.spec
+    }
+
+    /// Routes token rows `x` `[tokens, hidden]`.
+    pub fn route(&self, x: Tensor<2>) -> Result<Routing, ModelError> {
+        let logits = f32_values(self.gate.forward(x).into_data(), "router logits")?;
+        let experts = self.spec.num_experts;
+        let tokens = logits.len() / experts;
+        let mut ids = Vec::with_capacity(tokens * self.spec.top_k);
+        let mut weights = Vec::with_capacity(tokens * self.spec.top_k);
+        for row in logits.chunks_exact(experts) {
+            let (row_ids, row_weights) = self.spec.route_token(row);
+            ids.extend(row_ids.into_iter().map(|i| i as u32));
+            weights.extend(row_weights);
+        }
+        Ok(Routing {
+            num_experts: experts,
+            top_k: self.spec.top_k,
+            logits,
+            ids,
+            weights,
+        })
+    }
+}
+
+/// The gated activation of the experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `silu(gate) · up`.
+    SwiGlu,
+    /// GPT-OSS: `gate` clamped above at `limit`, `up` to `±limit`, then
+    /// `(up + 1) · gate · sigmoid(alpha · gate)`.
+    ClampedSwiGlu { alpha: f32, limit: f32 },
+}
+
+/// How a checkpoint stores the experts of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// Per-expert linears `experts.N.{gate,up,down}` (with these module names: `gate_proj`/
+    /// `up_proj`/`down_proj`, or Mixtral's `w1`/`w3`/`w2`), or transformers' fused
+    /// `experts.gate_up_proj` `[E, 2I, H]` (gate rows first) and `experts.down_proj`
+    /// `[E, H, I]`, or stacked `experts.{gate,up}_proj` `[E, I, H]` (GGUF files).
+    Linear {
+        gate: &'static str,
+        up: &'static str,
+        down: &'static str,
+    },
+    /// GPT-OSS: `experts.gate_up_proj` `[E, H, 2I]` with gate/up interleaved by column,
+    /// `experts.down_proj` `[E, I, H]`, each with a bias.
+    InterleavedWithBias,
+}
+
+impl ExpertLayout {
+    pub const HF: Self = Self::Linear {
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+    };
+    pub const MIXTRAL: Self = Self::Linear {
+        gate: "w1",
+        up: "w3",
+        down: "w2",
+    };
+}
+
+/// The routed experts of one layer, stacked so one kernel can take them all:
+/// `gate_up` `[E, H, 2I]` (gate in columns `..I`, up in `I..`) and `down` `[E, I, H]`.
+#[derive(Module, Debug)]
+pub struct Experts {
+    gate_up: Param<Tensor<3>>,
+    gate_up_bias: Option<Param<Tensor<2>>>,
+    down: Param<Tensor<3>>,
+    down_bias: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    activation: ExpertActivation,
+}
+
+/// Reads a stacked tensor whose first dimension counts experts, reporting a different
+/// count as [`ModelError::ExpertCount`].
+fn stacked(
+    source: &dyn WeightSource,
+    name: &str,
+    expected: &[usize],
+) -> Result<Vec<f32>, ModelError> {
+    let data = source.tensor(name)?;
+    let found = data.shape().as_slice().to_vec();
+    if found.len() == expected.len() && found[1..] == expected[1..] && found[0] != expected[0] {
+        return Err(ModelError::ExpertCount {
+            name: name.to_string(),
+            config: expected[0],
+            found: found[0],
+        });
+    }
+    f32_values(checked_data(source, name, expected)?, name)
+}
+
+impl Experts {
+    /// Loads the `experts` of `{prefix}` (e.g. `model.layers.3.mlp`) in any layout
+    /// [`ExpertLayout`] describes, checking there are exactly `experts` of them.
+    pub fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        layout: ExpertLayout,
+        [experts, hidden, inter]: [usize; 3],
+        activation: ExpertActivation,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut gate_up = vec![0f32; experts * hidden * 2 * inter];
+        let mut down = vec![0f32; experts * inter * hidden];
+        let (gu_size, down_size) = (hidden * 2 * inter, inter * hidden);
+        let mut biases = None;
+        match layout {
+            ExpertLayout::InterleavedWithBias => {
+                let name = format!("{prefix}.experts.gate_up_proj");
+                let fused = stacked(source, &name, &[experts, hidden, 2 * inter])?;
+                // Column 2j is gate j, column 2j+1 is up j.
+                for (dst, src) in gate_up
+                    .chunks_exact_mut(2 * inter)
+                    .zip(fused.chunks_exact(2 * inter))
+                {
+                    for j in 0..inter {
+                        dst[j] = src[2 * j];
+                        dst[inter + j] = src[2 * j + 1];
+                    }
+                }
+                let name = format!("{prefix}.experts.down_proj");
+                down = stacked(source, &name, &[experts, inter, hidden])?;
+                let name = format!("{prefix}.experts.gate_up_proj_bias");
+                let fused_bias = stacked(source, &name, &[experts, 2 * inter])?;
+                let mut gate_up_bias = vec![0f32; experts * 2 * inter];
+                for (dst, src) in gate_up_bias
+                    .chunks_exact_mut(2 * inter)
+                    .zip(fused_bias.chunks_exact(2 * inter))
+                {
+                    for j in 0..inter {
+                        dst[j] = src[2 * j];
+                        dst[inter + j] = src[2 * j + 1];
+                    }
+                }
+                let name = format!("{prefix}.experts.down_proj_bias");
+                let down_bias = stacked(source, &name, &[experts, hidden])?;
+                biases = Some((gate_up_bias, down_bias));
+            }
+            ExpertLayout::Linear {
+                gate: gate_name,
+                up: up_name,
+                down: down_name,
+            } => {
+                let fused = format!("{prefix}.experts.gate_up_proj");
+                let separate = format!("{prefix}.experts.gate_proj");
+                if source.contains(&fused) {
+                    let values = stacked(source, &fused, &[experts, 2 * inter, hidden])?;
+                    for (e, block) in values.chunks_exact(2 * inter * hidden).enumerate() {
+                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
+                        transpose_into(block, hidden, out, 2 * inter);
+                    }
+                } else if source.contains(&separate) {
+                    let up_name = format!("{prefix}.experts.up_proj");
+                    let gates = stacked(source, &separate, &[experts, inter, hidden])?;
+                    let ups = stacked(source, &up_name, &[experts, inter, hidden])?;
+                    for e in 0..experts {
+                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
+                        let block =
+                            |v: &[f32]| v[e * inter * hidden..(e + 1) * inter * hidden].to_vec();
+                        transpose_into(&block(&gates), hidden, out, 2 * inter);
+                        transpose_into(&block(&ups), hidden, &mut out[inter..], 2 * inter);
+                    }
+                } else {
+                    // One linear per expert; a tensor for expert `experts` means the
+                    // checkpoint has more experts than the config says.
+                    let extra = format!("{prefix}.experts.{experts}.{gate_name}.weight");
+                    if source.contains(&extra) {
+                        let found = (experts..)
+                            .take_while(|e| {
+                                source.contains(&format!("{prefix}.experts.{e}.{gate_name}.weight"))
+                            })
+                            .count()
+                            + experts;
+                        return Err(ModelError::ExpertCount {
+                            name: extra,
+                            config: experts,
+                            found,
+                        });
+                    }
+                    for e in 0..experts {
+                        let p = format!("{prefix}.experts.{e}");
+                        let read = |module: &str, shape: &[usize]| {
+                            let name = format!("{p}.{module}.weight");
+                            f32_values(checked_data(source, &name, shape)?, &name)
+                        };
+                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
+                        let gate = read(gate_name, &[inter, hidden])?;
+                        transpose_into(&gate, hidden, out, 2 * inter);
+                        let up = read(up_name, &[inter, hidden])?;
+                        transpose_into(&up, hidden, &mut out[inter..], 2 * inter);
+                        let d = read(down_name, &[hidden, inter])?;
+                        let out = &mut down[e * down_size..(e + 1) * down_size];
+                        transpose_into(&d, inter, out, hidden);
+                    }
+                    return Self::from_stacked(
+                        [experts, hidden, inter],
+                        gate_up,
+                        down,
+                        None,
+                        activation,
+                        device,
+                    );
+                }
+                let name = format!("{prefix}.experts.down_proj");
+                let values = stacked(source, &name, &[experts, hidden, inter])?;
+                for (e, block) in values.chunks_exact(hidden * inter).enumerate() {
+                    let out = &mut down[e * down_size..(e + 1) * down_size];
+                    transpose_into(block, inter, out, hidden);
+                }
+            }
+        }
+        Self::from_stacked(
+            [experts, hidden, inter],
+            gate_up,
+            down,
+            biases,
+            activation,
+            device,
+        )
+    }
+
+    /// Builds experts from host data already in the stacked `[E, H, 2I]` / `[E, I, H]`
+    /// layout, with optional biases `[E, 2I]` / `[E, H]`.
+    pub fn from_stacked(
+        [experts, hidden, inter]: [usize; 3],
+        gate_up: Vec<f32>,
+        down: Vec<f32>,
+        biases: Option<(Vec<f32>, Vec<f32>)>,
+        activation: ExpertActivation,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensor3 = |v: Vec<f32>, shape: [usize; 3]| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
+        };
+        let tensor2 = |v: Vec<f32>, shape: [usize; 2]| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
+        };
+        let (gate_up_bias, down_bias) = match biases {
+            Some((gu, d)) => (
+                Some(tensor2(gu, [experts, 2 * inter])),
+                Some(tensor2(d, [experts, hidden])),
+            ),
+            None => (None, None),
+        };
+        Ok(Self {
+            gate_up: tensor3(gate_up, [experts, hidden, 2 * inter]),
+            gate_up_bias,
+            down: tensor3(down, [experts, inter, hidden]),
+            down_bias,
+            activation,
+        })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.gate_up.val().dims()[0]
+    }
+
+    /// Expert `e`'s MLP on its token rows `[rows, H]`.
+    fn expert_forward(&self, e: usize, rows: Tensor<2>) -> Tensor<2> {
+        let [_, hidden, width] = self.gate_up.val().dims();
+        let inter = width / 2;
+        let weight = self.gate_up.val().narrow(0, e, 1).reshape([hidden, width]);
+        let mut h = rows.matmul(weight);
+        if let Some(bias) = &self.gate_up_bias {
+            h = h + bias.val().narrow(0, e, 1);
+        }
+        let gate = h.clone().narrow(1, 0, inter);
+        let up = h.narrow(1, inter, inter);
+        let activated = match self.activation {
+            ExpertActivation::SwiGlu => silu(gate) * up,
+            ExpertActivation::ClampedSwiGlu { alpha, limit } => {
+                let gate = gate.clamp_max(limit);
+                let up = up.clamp(-limit, limit);
+                let glu = gate.clone() * sigmoid(gate.mul_scalar(alpha));
+                up.add_scalar(1.0) * glu
+            }
+        };
+        let down = self.down.val().narrow(0, e, 1).reshape([inter, hidden]);
+        let mut out = activated.matmul(down);
+        if let Some(bias) = &self.down_bias {
+            out = out + bias.val().narrow(0, e, 1);
+        }
+        out
+    }
+
+    /// The reference sparse dispatch: rows of `x` `[tokens, H]` grouped by chosen expert,
+    /// each expert run once on its rows, results weighted and scatter-added per token.
+    pub fn forward_sparse(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+        let [tokens, hidden] = x.dims();
+        let device = x.device();
+        let mut slots: Vec<(u32, usize, f32)> = routing
+            .ids
+            .iter()
+            .zip(&routing.weights)
+            .enumerate()
+            .map(|(slot, (&e, &w))| (e, slot / routing.top_k, w))
+            .collect();
+        slots.sort_by_key(|&(e, token, _)| (e, token));
+        let order: Vec<i64> = slots.iter().map(|&(_, t, _)| t as i64).collect();
+        let weights: Vec<f32> = slots.iter().map(|&(_, _, w)| w).collect();
+        let count = order.len();
+        let order = Tensor::<1, Int>::from_data(TensorData::new(order, [count]), &device);
+        let rows = x.select(0, order.clone());
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        while start < count {
+            let expert = slots[start].0;
+            let end = start + slots[start..].iter().take_while(|s| s.0 == expert).count();
+            outputs.push(
+                self.expert_forward(expert as usize, rows.clone().narrow(0, start, end - start)),
+            );
+            start = end;
+        }
+        let weights = Tensor::<2>::from_data(TensorData::new(weights, [count, 1]), &device);
+        let weighted = Tensor::cat(outputs, 0) * weights;
+        Tensor::zeros([tokens, hidden], &device).select_assign(
+            0,
+            order,
+            weighted,
+            IndexingUpdateOp::Add,
+        )
+    }
+
+    /// The baseline the sparse dispatch is measured against: every expert on every row,
+    /// unselected experts weighted by zero. Same result, `E/k` times the work.
+    pub fn forward_dense(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+        let [tokens, _] = x.dims();
+        let experts = self.num_experts();
+        let device = x.device();
+        let mut dense = vec![0f32; tokens * experts];
+        for (slot, (&e, &w)) in routing.ids.iter().zip(&routing.weights).enumerate() {
+            dense[(slot / routing.top_k) * experts + e as usize] += w;
+        }
+        let dense = Tensor::<2>::from_data(TensorData::new(dense, [tokens, experts]), &device);
+        (0..experts)
+            .map(|e| self.expert_forward(e, x.clone()) * dense.clone().narrow(1, e, 1))
+            .reduce(|a, b| a + b)
+            .expect("at least one expert")
+    }
+}
+
+/// An MoE feed-forward block: router, routed experts, and optional shared experts (with
+/// Qwen2-MoE's sigmoid gate on them).
+#[derive(Module, Debug)]
+pub struct SparseMoe {
+    pub router: Router,
+    pub experts: Experts,
+    pub shared: Option<GatedMlp>,
+    pub shared_gate: Option<Linear>,
+}
+
+impl SparseMoe {
+    /// Runs the block on `x` `[batch, seq, H]`, returning the output and the routing.
+    pub fn forward(&self, x: Tensor<3>) -> Result<(Tensor<3>, Routing), ModelError> {
+        let [batch, seq, hidden] = x.dims();
+        let rows = x.reshape([batch * seq, hidden]);
+        let routing = self.router.route(rows.clone())?;
+        let mut out = self.experts.forward_sparse(rows.clone(), &routing);
+        if let Some(shared) = &self.shared {
+            let mut shared_out = shared.forward(rows.clone());
+            if let Some(gate) = &self.shared_gate {
+                shared_out = shared_out * sigmoid(gate.forward(rows));
+            }
+            out = out + shared_out;
+        }
+        Ok((out.reshape([batch, seq, hidden]), routing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(method: RoutingMethod, experts: usize, top_k: usize) -> RouterSpec {
+        RouterSpec {
+            num_experts: experts,
+            top_k,
+            method,
+            scale: 1.0,
+            bias: false,
+        }
+    }
+
+    #[test]
+    fn group_limited_routing_only_picks_from_the_best_groups() {
+        // Four groups of two; groups 2 and 3 hold the best single scores but group 0 holds
+        // the best pair sum under the DeepSeek-V3 rule.
+        let logits = [2.0, 1.9, -5.0, 2.5, -5.0, 2.4, -5.0, -5.0];
+        let s = spec(
+            RoutingMethod::SigmoidGroupLimited {
+                groups: (4, 1),
+                normalize: true,
+                correction_bias: vec![0.0; 8],
+            },
+            8,
+            2,
+        );
+        let (ids, weights) = s.route_token(&logits);
+        assert_eq!(ids, vec![0, 1]);
+        assert!((weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        // The V2 rule ranks groups by their best score instead: group 1 (2.5).
+        let s = spec(
+            RoutingMethod::SoftmaxGroupLimited {
+                groups: Some((4, 1)),
+            },
+            8,
+            2,
+        );
+        let (ids, _) = s.route_token(&logits);
+        assert_eq!(ids, vec![3, 2]);
+    }
+
+    #[test]
+    fn router_spec_rejects_top_k_above_the_expert_count() {
+        let s = spec(RoutingMethod::SoftmaxTopK { normalize: true }, 4, 5);
+        assert!(matches!(s.validate(), Err(ModelError::Config(m)) if m.contains("exceeds")));
+    }
+
+    #[test]
+    fn sparse_dispatch_equals_running_every_expert() {
+        let device = Device::flex();
+        let [experts, hidden, inter, tokens, top_k] = [6, 8, 5, 7, 2];
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                        / 500.0
+                        - 1.0
+                })
+                .collect()
+        };
+        let experts_module = Experts::from_stacked(
+            [experts, hidden, inter],
+            values(experts * hidden * 2 * inter, 1),
+            values(experts * inter * hidden, 2),
+            Some((values(experts * 2 * inter, 3), values(experts * hidden, 4))),
+            ExpertActivation::ClampedSwiGlu {
+                alpha: 1.702,
+                limit: 0.5,
+            },
+            &device,
+        )
+        .unwrap();
+        let x = Tensor::<2>::from_data(
+            TensorData::new(values(tokens * hidden, 5), [tokens, hidden]),
+            &device,
+        );
+        let logits = values(tokens * experts, 6);
+        let s = spec(
+            RoutingMethod::SoftmaxTopK { normalize: false },
+            experts,
+            top_k,
+        );
+        let mut ids = vec![];
+        let mut weights = vec![];
+        for row in logits.chunks(experts) {
+            let (i, w) = s.route_token(row);
+            ids.extend(i.into_iter().map(|i| i as u32));
+            weights.extend(w);
+        }
+        let routing = Routing {
+            num_experts: experts,
+            top_k,
+            logits,
+            ids,
+            weights,
+        };
+        let sparse = experts_module
+            .forward_sparse(x.clone(), &routing)
+            .into_data();
+        let dense = experts_module.forward_dense(x, &routing).into_data();
+        sparse.assert_approx_eq::<f32>(&dense, burn::tensor::Tolerance::absolute(1e-5));
+    }
+}

@@ -1,0 +1,234 @@
+//! Qwen2-MoE and Qwen3-MoE. Both route softmax → top-k (renormalized if `norm_topk_prob`)
+//! and keep dense MLP layers where `mlp_only_layers` or `decoder_sparse_step` say.
+//! Qwen2-MoE adds a shared expert behind a sigmoid gate and q/k/v biases; Qwen3-MoE has
+//! per-head q/k RMSNorm instead.
+
+use burn::tensor::Device;
+use serde::Deserialize;
+
+use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::config::BaseConfig;
+use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::llama::rotary;
+use crate::moe::{
+    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+};
+use crate::nn::{GatedMlp, Linear};
+use crate::{ModelError, WeightSource};
+
+/// Which of the two generations a config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QwenMoeVariant {
+    Qwen2,
+    Qwen3,
+}
+
+/// `config.json` of a Qwen2-MoE or Qwen3-MoE model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QwenMoeConfig {
+    #[serde(flatten)]
+    pub base: BaseConfig,
+    /// Width of the dense MLP layers.
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    /// Routed experts (`num_experts`; transformers 5 writes `num_local_experts`).
+    #[serde(default)]
+    num_experts: Option<usize>,
+    #[serde(default)]
+    num_local_experts: Option<usize>,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default = "one")]
+    pub decoder_sparse_step: usize,
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    /// Qwen2-MoE: width of the gated shared expert (0 or absent: none).
+    #[serde(default)]
+    pub shared_expert_intermediate_size: usize,
+    /// Qwen2-MoE's q/k/v biases.
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
+    /// Qwen3-MoE's attention biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl std::ops::Deref for QwenMoeConfig {
+    type Target = BaseConfig;
+
+    fn deref(&self) -> &BaseConfig {
+        &self.base
+    }
+}
+
+impl QwenMoeConfig {
+    pub fn num_experts(&self) -> usize {
+        self.num_experts.or(self.num_local_experts).unwrap_or(0)
+    }
+
+    pub fn router_spec(&self) -> RouterSpec {
+        RouterSpec {
+            num_experts: self.num_experts(),
+            top_k: self.num_experts_per_tok,
+            method: RoutingMethod::SoftmaxTopK {
+                normalize: self.norm_topk_prob,
+            },
+            scale: 1.0,
+            bias: false,
+        }
+    }
+
+    /// Whether layer `i` is sparse (transformers' rule).
+    pub fn is_sparse(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i)
+            && self.num_experts() > 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step.max(1))
+    }
+
+    /// The sliding window of layer `i`, if it has one.
+    pub fn sliding_window(&self, i: usize) -> Option<usize> {
+        match &self.layer_types {
+            Some(types) => (types.get(i).map(String::as_str) == Some("sliding_attention"))
+                .then_some(self.sliding_window)
+                .flatten(),
+            None => self
+                .use_sliding_window
+                .then_some(self.sliding_window)
+                .flatten(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.base.validate(self.head_dim())?;
+        if (0..self.num_hidden_layers).any(|i| self.is_sparse(i)) {
+            self.router_spec().validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds a Qwen2-MoE or Qwen3-MoE [`Decoder`].
+pub fn load(
+    variant: QwenMoeVariant,
+    config: &QwenMoeConfig,
+    source: &dyn WeightSource,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Decoder, ModelError> {
+    config.validate()?;
+    let hidden = config.hidden_size;
+    let (qkv_bias, o_bias, qk_norm, name) = match variant {
+        QwenMoeVariant::Qwen2 => (
+            config.qkv_bias.unwrap_or(true),
+            false,
+            QkNorm::None,
+            "qwen2_moe",
+        ),
+        QwenMoeVariant::Qwen3 => (
+            config.attention_bias,
+            config.attention_bias,
+            QkNorm::PerHead,
+            "qwen3_moe",
+        ),
+    };
+    Decoder::load(
+        name,
+        config,
+        rotary(config, device)?,
+        source,
+        device,
+        progress,
+        |i, p| {
+            let (input_layernorm, post_attention_layernorm) =
+                Decoder::layer_norms(source, p, config, device)?;
+            let spec = AttentionSpec {
+                hidden,
+                heads: config.num_attention_heads,
+                kv_heads: config.kv_heads(),
+                head_dim: config.head_dim(),
+                qkv_bias,
+                o_bias,
+                qk_norm,
+                norm_eps: config.rms_norm_eps,
+                clip_qkv: None,
+                sliding_window: config.sliding_window(i),
+                sinks: false,
+            };
+            let mlp = format!("{p}.mlp");
+            let mlp = if config.is_sparse(i) {
+                let shared_width = config.shared_expert_intermediate_size;
+                let (shared, shared_gate) = if shared_width > 0 {
+                    let shared = GatedMlp::load(
+                        source,
+                        &format!("{mlp}.shared_expert"),
+                        hidden,
+                        shared_width,
+                        false,
+                        device,
+                    )?;
+                    let gate = Linear::load(
+                        source,
+                        &format!("{mlp}.shared_expert_gate"),
+                        hidden,
+                        1,
+                        false,
+                        device,
+                    )?;
+                    (Some(shared), Some(gate))
+                } else {
+                    (None, None)
+                };
+                FeedForward::Sparse(SparseMoe {
+                    router: Router::load(
+                        source,
+                        &format!("{mlp}.gate"),
+                        hidden,
+                        config.router_spec(),
+                        device,
+                    )?,
+                    experts: Experts::load(
+                        source,
+                        &mlp,
+                        ExpertLayout::HF,
+                        [config.num_experts(), hidden, config.moe_intermediate_size],
+                        ExpertActivation::SwiGlu,
+                        device,
+                    )?,
+                    shared,
+                    shared_gate,
+                })
+            } else {
+                FeedForward::Dense(GatedMlp::load(
+                    source,
+                    &mlp,
+                    hidden,
+                    config.intermediate_size,
+                    false,
+                    device,
+                )?)
+            };
+            Ok(DecoderLayer {
+                input_layernorm,
+                self_attn: Mixer::Standard(Attention::load(
+                    source,
+                    &format!("{p}.self_attn"),
+                    &spec,
+                    device,
+                )?),
+                post_attention_layernorm,
+                mlp,
+            })
+        },
+    )
+}

@@ -1,0 +1,190 @@
+//! Tiny random MoE checkpoints (one per architecture) against HF transformers: logits,
+//! every MoE layer's expert choices and weights, greedy tokens, and cached decoding.
+
+use std::collections::HashMap;
+
+use moera::engine::{Device, Model};
+use moera::models::nn::token_tensor;
+use moera::models::{CausalLm, LogitsMode};
+
+use crate::common::*;
+
+const LOGITS_TOLERANCE: f64 = 1e-4;
+const ROUTER_WEIGHT_TOLERANCE: f64 = 1e-5;
+
+pub const MOE_FIXTURES: &[&str] = &[
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-qwen3-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v2",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
+];
+
+type Reference = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+/// Every MoE layer's (expert id, weight) pairs per token equal transformers' as sets.
+fn check_routing(name: &str, model: &Model, prompt: &[u32], reference: &Reference) {
+    let (_, trace) = model.logits_with_routing(prompt).expect("forward");
+    let mut expected_layers: Vec<usize> = reference
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("router.")?
+                .strip_suffix(".ids")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    expected_layers.sort_unstable();
+    let layers: Vec<usize> = trace.layers.keys().copied().collect();
+    assert_eq!(layers, expected_layers, "{name}: MoE layers");
+    for (layer, routing) in &trace.layers {
+        let (shape, expected_ids) = &reference[&format!("router.{layer}.ids")];
+        let expected_weights = &reference[&format!("router.{layer}.weights")].1;
+        let expected_logits = &reference[&format!("router.{layer}.logits")].1;
+        let diff = max_abs_diff(&routing.logits, expected_logits);
+        assert!(
+            diff < LOGITS_TOLERANCE,
+            "{name} layer {layer}: router logits differ by {diff}"
+        );
+        let k = shape[1];
+        assert_eq!(routing.top_k, k, "{name} layer {layer}: top-k");
+        for token in 0..shape[0] {
+            let pairs = |ids: &[u32], weights: &[f32]| {
+                let mut p: Vec<(u32, f64)> = ids
+                    .iter()
+                    .zip(weights)
+                    .map(|(&i, &w)| (i, w as f64))
+                    .collect();
+                p.sort_by_key(|&(i, _)| i);
+                p
+            };
+            let ours = pairs(
+                &routing.ids[token * k..(token + 1) * k],
+                &routing.weights[token * k..(token + 1) * k],
+            );
+            let mut theirs: Vec<(u32, f64)> = (0..k)
+                .map(|j| {
+                    (
+                        expected_ids[token * k + j] as u32,
+                        expected_weights[token * k + j],
+                    )
+                })
+                .collect();
+            theirs.sort_by_key(|&(i, _)| i);
+            let ids_ours: Vec<u32> = ours.iter().map(|p| p.0).collect();
+            let ids_theirs: Vec<u32> = theirs.iter().map(|p| p.0).collect();
+            assert_eq!(
+                ids_ours, ids_theirs,
+                "{name} layer {layer} token {token}: experts"
+            );
+            for ((_, w), (_, t)) in ours.iter().zip(&theirs) {
+                assert!(
+                    (w - t).abs() < ROUTER_WEIGHT_TOLERANCE,
+                    "{name} layer {layer} token {token}: weight {w} vs {t}"
+                );
+            }
+        }
+    }
+}
+
+/// The prompt fed as a prefill of 5 then one token at a time through the KV cache gives
+/// transformers' full-sequence logits.
+fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f64]) {
+    let lm = model.causal_lm();
+    let device = lm.device();
+    let mut cache = lm.new_cache(1, prompt.len());
+    let vocab = lm.vocab_size();
+    let prefill = 5;
+    let mut logits = Vec::new();
+    let first = lm
+        .forward(
+            token_tensor(&prompt[..prefill], 1, &device),
+            &mut cache,
+            LogitsMode::All,
+        )
+        .expect("prefill");
+    logits.extend(first.into_data().into_vec::<f32>().unwrap());
+    for &id in &prompt[prefill..] {
+        let step = lm
+            .forward(
+                token_tensor(&[id], 1, &device),
+                &mut cache,
+                LogitsMode::Last,
+            )
+            .expect("decode step");
+        logits.extend(step.into_data().into_vec::<f32>().unwrap());
+    }
+    assert_eq!(logits.len(), prompt.len() * vocab);
+    let diff = max_abs_diff(&logits, expected);
+    assert!(
+        diff < LOGITS_TOLERANCE,
+        "{name}: cached decode differs by {diff}"
+    );
+}
+
+pub fn check_moe_parity(name: &str, device: &Device) {
+    let dir = fixtures().join(name);
+    let reference = reference(&dir.join("reference.safetensors"));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let expected_logits = &reference["logits"].1;
+    let model = load_on(&dir, device);
+
+    let logits = model.logits(&prompt).expect("forward");
+    let diff = max_abs_diff(&logits, expected_logits);
+    assert!(diff < LOGITS_TOLERANCE, "{name}: logits differ by {diff}");
+    check_routing(name, &model, &prompt, &reference);
+    check_cached_decode(name, &model, &prompt, expected_logits);
+    assert_eq!(
+        greedy_ids(&model, &prompt, 16),
+        ids(&reference["greedy_ids"].1),
+        "{name}: greedy tokens"
+    );
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_moe_parity("tiny-mixtral", &flex());
+}
+
+#[test]
+fn qwen2_moe_with_gated_shared_expert_matches_transformers() {
+    check_moe_parity("tiny-qwen2-moe", &flex());
+}
+
+#[test]
+fn qwen3_moe_with_a_dense_layer_matches_transformers() {
+    check_moe_parity("tiny-qwen3-moe", &flex());
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check_moe_parity("tiny-olmoe", &flex());
+}
+
+#[test]
+fn deepseek_v2_group_limited_greedy_matches_transformers() {
+    check_moe_parity("tiny-deepseek-v2", &flex());
+}
+
+#[test]
+fn deepseek_v3_with_yarn_and_old_config_keys_matches_transformers() {
+    check_moe_parity("tiny-deepseek-v3", &flex());
+}
+
+#[test]
+fn gpt_oss_with_sinks_and_sliding_window_matches_transformers() {
+    check_moe_parity("tiny-gpt-oss", &flex());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn moe_architectures_match_transformers_on_wgpu() {
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    for name in MOE_FIXTURES {
+        check_moe_parity(name, &device);
+    }
+}
