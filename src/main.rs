@@ -114,6 +114,9 @@ struct GenerateArgs {
     /// Print the generated token ids, comma-separated on one line, instead of text.
     #[arg(long)]
     print_ids: bool,
+    /// After generating, print a table of expert load per MoE layer (prompt and output).
+    #[arg(long)]
+    router_stats: bool,
 }
 
 #[derive(Args)]
@@ -193,7 +196,8 @@ fn stream(model: &Model, request: &GenerationRequest, print_ids: bool) -> Result
     let mut out = std::io::stdout().lock();
     let mut ids = Vec::new();
     let started = std::time::Instant::now();
-    for event in model.generate(request)? {
+    let mut generation = model.generate(request)?;
+    for event in generation.by_ref() {
         match event? {
             TokenEvent::Token { id, text } => {
                 ids.push(id.to_string());
@@ -217,6 +221,17 @@ fn stream(model: &Model, request: &GenerationRequest, print_ids: bool) -> Result
                     "generation finished"
                 );
             }
+        }
+    }
+    if let Some(trace) = generation.router_trace() {
+        if trace.layers.is_empty() {
+            writeln!(
+                out,
+                "router stats: {} has no MoE layers",
+                model.architecture()
+            )?;
+        } else {
+            write!(out, "{}", trace.load_table())?;
         }
     }
     Ok(())
@@ -243,7 +258,8 @@ fn run(cli: Cli) -> Result<()> {
             let request = GenerationRequest::new(prompt)
                 .max_tokens(args.sampling.max_tokens)
                 .sampling(args.sampling.params(&model.default_sampling))
-                .stop(args.sampling.stop.clone());
+                .stop(args.sampling.stop.clone())
+                .record_routing(args.router_stats);
             stream(&model, &request, args.print_ids)
         }
         Command::Chat(args) => {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use moera_models::nn::token_tensor;
-use moera_models::{KvCache, LogitsMode};
+use moera_models::{KvCache, LogitsMode, RouterTrace};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
@@ -35,6 +35,9 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// End at the model's end-of-sequence tokens (on by default).
     pub stop_at_eos: bool,
+    /// Record each MoE layer's expert choices ([`Generation::router_trace`]).
+    #[serde(default)]
+    pub record_routing: bool,
 }
 
 impl GenerationRequest {
@@ -45,6 +48,7 @@ impl GenerationRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             stop_at_eos: true,
+            record_routing: false,
         }
     }
 
@@ -58,6 +62,12 @@ impl GenerationRequest {
 
     pub fn ids(ids: Vec<u32>) -> Self {
         Self::new(Prompt::Ids(ids))
+    }
+
+    /// Records the expert choices of every MoE layer for the prompt and each new token.
+    pub fn record_routing(mut self, record: bool) -> Self {
+        self.record_routing = record;
+        self
     }
 
     pub fn max_tokens(mut self, max_tokens: usize) -> Self {
@@ -123,6 +133,7 @@ pub struct Generation<'a> {
     emitted: usize,
     finished: bool,
     pending_done: Option<TokenEvent>,
+    routing: Option<RouterTrace>,
 }
 
 impl Model {
@@ -175,6 +186,7 @@ impl Model {
             emitted: 0,
             finished: false,
             pending_done: None,
+            routing: request.record_routing.then(RouterTrace::default),
         })
     }
 
@@ -220,6 +232,12 @@ impl Generation<'_> {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Expert choices so far (prompt, then each token fed back), when the request asked
+    /// for them with [`GenerationRequest::record_routing`].
+    pub fn router_trace(&self) -> Option<&RouterTrace> {
+        self.routing.as_ref()
+    }
+
     fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len,
@@ -252,10 +270,12 @@ impl Generation<'_> {
         let fed = self.cache.len();
         let new = &self.tokens[fed..];
         let input = token_tensor(new, 1, &self.model.device());
-        let logits = self
-            .model
-            .inner
-            .forward(input, &mut self.cache, LogitsMode::Last)?;
+        let logits = self.model.inner.forward_traced(
+            input,
+            &mut self.cache,
+            LogitsMode::Last,
+            self.routing.as_mut(),
+        )?;
         let mut logits = to_f32_vec(logits.into_data())?;
         Ok(self.sampler.sample(&mut logits, &self.tokens))
     }

@@ -415,6 +415,7 @@ fn load_gguf(
     let model = kind
         .load(&config, &weights, device, progress)
         .map_err(model_error(path))?;
+    let architecture = kind.model_type().to_string();
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
         Some(

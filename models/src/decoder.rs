@@ -92,6 +92,34 @@ impl RouterTrace {
     pub fn clear(&mut self) {
         self.layers.clear();
     }
+
+    /// A text table of expert load per MoE layer: token slots routed, experts used,
+    /// the busiest expert's load over the mean, and the loads (all of them up to 16
+    /// experts, else the 8 busiest).
+    pub fn load_table(&self) -> String {
+        let mut out = String::from("layer  tokens  experts used  max/mean  load (expert:slots)\n");
+        for (layer, routing) in &self.layers {
+            let counts = routing.expert_counts();
+            let slots: usize = counts.iter().sum();
+            let used = counts.iter().filter(|&&c| c > 0).count();
+            let mean = slots as f64 / counts.len().max(1) as f64;
+            let max = counts.iter().copied().max().unwrap_or(0);
+            let mut shown: Vec<(usize, usize)> = counts.iter().copied().enumerate().collect();
+            if shown.len() > 16 {
+                shown.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                shown.truncate(8);
+            }
+            let loads: Vec<String> = shown.iter().map(|(e, c)| format!("{e}:{c}")).collect();
+            out.push_str(&format!(
+                "{layer:>5}  {:>6}  {:>12}  {:>8.2}  {}\n",
+                routing.tokens(),
+                format!("{used}/{}", counts.len()),
+                if mean > 0.0 { max as f64 / mean } else { 0.0 },
+                loads.join(" ")
+            ));
+        }
+        out
+    }
 }
 
 /// Settings of a decoder besides its weights.

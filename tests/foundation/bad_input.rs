@@ -185,8 +185,19 @@ fn unknown_architecture() {
         c["architectures"] = serde_json::json!(["FooForCausalLM"])
     });
     match load(&model) {
-        Error::UnknownArchitecture { architecture, .. } => {
-            assert_eq!(architecture, "FooForCausalLM")
+        Error::UnknownArchitecture {
+            architecture,
+            supported,
+            ..
+        } => {
+            assert_eq!(architecture, "FooForCausalLM");
+            for listed in [
+                "LlamaForCausalLM",
+                "MixtralForCausalLM",
+                "DeepseekV3ForCausalLM",
+            ] {
+                assert!(supported.contains(listed), "{supported}");
+            }
         }
         other => panic!("expected UnknownArchitecture, got {other:?}"),
     }
@@ -277,4 +288,88 @@ fn bad_requests() {
         model.logits(&[1; 300]),
         Err(Error::PromptTooLong { .. })
     ));
+}
+
+#[test]
+fn expert_count_mismatch_names_the_tensor() {
+    for (experts, found) in [(6, 8), (10, 8)] {
+        let dir = scratch();
+        let model = copy_fixture("tiny-mixtral", dir.path());
+        edit_config(&model, |c| {
+            c["num_local_experts"] = serde_json::json!(experts)
+        });
+        match load(&model) {
+            Error::Model {
+                source:
+                    ModelError::ExpertCount {
+                        name,
+                        config,
+                        found: in_file,
+                    },
+                ..
+            } => {
+                assert_eq!(name, "model.layers.0.block_sparse_moe.gate.weight");
+                assert_eq!((config, in_file), (experts, found));
+            }
+            other => panic!("expected ExpertCount, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn more_experts_per_token_than_experts() {
+    let dir = scratch();
+    let model = copy_fixture("tiny-qwen2-moe", dir.path());
+    edit_config(&model, |c| c["num_experts_per_tok"] = serde_json::json!(9));
+    match load(&model) {
+        Error::Model {
+            source: ModelError::Config(reason),
+            path,
+        } => {
+            assert!(reason.contains("num_experts_per_tok (9)"), "{reason}");
+            assert_eq!(path, model.join("config.json"));
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+/// Rewrites `model.safetensors` of `model` without the tensor `drop`.
+fn drop_tensor(model: &Path, drop: &str) {
+    let path = model.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != drop)
+        .collect();
+    assert!(kept.len() < tensors.len(), "{drop} is in the fixture");
+    let out = safetensors::serialize(kept, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn missing_expert_tensor_names_it() {
+    for (fixture, tensor) in [
+        (
+            "tiny-mixtral",
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+        ),
+        ("tiny-gpt-oss", "model.layers.0.mlp.experts.down_proj_bias"),
+        (
+            "tiny-deepseek-v3",
+            "model.layers.2.mlp.gate.e_score_correction_bias",
+        ),
+    ] {
+        let dir = scratch();
+        let model = copy_fixture(fixture, dir.path());
+        drop_tensor(&model, tensor);
+        match load(&model) {
+            Error::Model {
+                source: ModelError::MissingTensor(name),
+                ..
+            } => assert_eq!(name, tensor),
+            other => panic!("{fixture}: expected MissingTensor, got {other:?}"),
+        }
+    }
 }

@@ -284,3 +284,63 @@ fn index_build_and_query_return_the_brute_force_neighbours() {
         "no collection here",
     );
 }
+
+/// `logits` and `generate --prompt-ids --print-ids` on every MoE architecture (folders
+/// without a tokenizer), against transformers; `--router-stats` prints one row per MoE layer.
+#[test]
+fn every_moe_architecture_through_the_cli() {
+    for name in crate::moe_parity::MOE_FIXTURES {
+        let dir = fixtures().join(name);
+        let reference = reference(&dir.join("reference.safetensors"));
+        let prompt = csv(&ids(&reference["prompt_ids"].1));
+        let out_dir = scratch();
+        let out = out_dir.path().join("logits.safetensors");
+        moera(&[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let written = crate::common::reference(&out);
+        let values: Vec<f32> = written["logits"].1.iter().map(|&v| v as f32).collect();
+        let diff = max_abs_diff(&values, &reference["logits"].1);
+        assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+
+        let output = moera(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--print-ids",
+            "--router-stats",
+        ]);
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let mut lines = stdout.lines();
+        assert_eq!(
+            lines.next(),
+            Some(csv(&ids(&reference["greedy_ids"].1)).as_str()),
+            "{name}: greedy ids"
+        );
+        assert!(lines.next().unwrap_or("").starts_with("layer"), "{stdout}");
+        let moe_layers = reference.keys().filter(|k| k.ends_with(".ids")).count();
+        let rows: Vec<&str> = lines.collect();
+        assert_eq!(rows.len(), moe_layers, "{name}: {stdout}");
+        for row in rows {
+            // prompt (12) + 15 tokens fed back, 2 experts each = 54 slots per layer.
+            let slots: usize = row
+                .split_whitespace()
+                .skip(4)
+                .map(|load| load.split(':').nth(1).unwrap().parse::<usize>().unwrap())
+                .sum();
+            assert_eq!(slots, 27 * 2, "{name}: {row}");
+        }
+    }
+}

@@ -188,3 +188,24 @@ fn moe_architectures_match_transformers_on_wgpu() {
         check_moe_parity(name, &device);
     }
 }
+
+/// GGUF files made by llama.cpp's converter from three of the checkpoints (f32 tensors,
+/// llama.cpp names, Mixtral's Q/K permuted) give the same logits as transformers.
+#[test]
+fn moe_gguf_files_match_transformers() {
+    for (gguf, folder, architecture) in [
+        ("tiny-mixtral.gguf", "tiny-mixtral", "mixtral"),
+        ("tiny-qwen2-moe.gguf", "tiny-qwen2-moe", "qwen2_moe"),
+        ("tiny-qwen3-moe.gguf", "tiny-qwen3-moe", "qwen3_moe"),
+    ] {
+        let reference = reference(&fixtures().join(folder).join("reference.safetensors"));
+        let prompt = ids(&reference["prompt_ids"].1);
+        let model = load_on(&fixtures().join(gguf), &flex());
+        assert_eq!(model.architecture(), architecture);
+        let (logits, trace) = model.logits_with_routing(&prompt).expect("forward");
+        let diff = max_abs_diff(&logits, &reference["logits"].1);
+        assert!(diff < LOGITS_TOLERANCE, "{gguf}: logits differ by {diff}");
+        check_routing(gguf, &model, &prompt, &reference);
+        assert!(!trace.layers.is_empty());
+    }
+}
