@@ -344,3 +344,33 @@ fn every_moe_architecture_through_the_cli() {
         }
     }
 }
+
+/// `perplexity` on an MoE folder that ships a tokenizer, against transformers' value.
+#[test]
+fn moe_perplexity_command_matches_transformers() {
+    let dir = fixtures().join("tiny-qwen3-moe");
+    let file = fixtures().join("english.txt");
+    let output = moera(&[
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "128",
+    ]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let value: f64 = stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {stdout:?}"));
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("perplexity.json")).unwrap())
+            .unwrap();
+    let expected = reference["perplexity"].as_f64().unwrap();
+    assert!(
+        (value - expected).abs() / expected < 1e-4,
+        "{value} vs {expected}"
+    );
+}
