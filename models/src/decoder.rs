@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::attention::Attention;
+use crate::attention::{Attention, AttentionSpec};
 use crate::config::BaseConfig;
 use crate::deepseek::LatentAttention;
 use crate::moe::{Routing, SparseMoe};
@@ -16,6 +16,8 @@ use crate::rope::RotaryEmbedding;
 use crate::{CausalLm, KvCache, LogitsMode, ModelError, WeightSource};
 
 /// The attention of a layer.
+// One per layer and built once: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer {
     Standard(Attention),
@@ -46,6 +48,7 @@ impl Mixer {
 }
 
 /// The feed-forward block of a layer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum FeedForward {
     Dense(GatedMlp),
@@ -200,6 +203,31 @@ impl Decoder {
 
     pub fn info(&self) -> &DecoderInfo {
         &self.info
+    }
+
+    /// A layer of standard attention (`{prefix}.self_attn`) and the given feed-forward
+    /// block, with its two RMSNorms.
+    pub fn standard_layer(
+        source: &dyn WeightSource,
+        prefix: &str,
+        base: &BaseConfig,
+        attention: &AttentionSpec,
+        mlp: FeedForward,
+        device: &Device,
+    ) -> Result<DecoderLayer, ModelError> {
+        let (input_layernorm, post_attention_layernorm) =
+            Self::layer_norms(source, prefix, base, device)?;
+        Ok(DecoderLayer {
+            input_layernorm,
+            self_attn: Mixer::Standard(Attention::load(
+                source,
+                &format!("{prefix}.self_attn"),
+                attention,
+                device,
+            )?),
+            post_attention_layernorm,
+            mlp,
+        })
     }
 
     /// The two RMSNorms of layer `prefix` (`input_layernorm`, `post_attention_layernorm`).

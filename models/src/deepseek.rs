@@ -17,7 +17,7 @@ use crate::attention::{Mask, attend};
 use crate::config::BaseConfig;
 use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
 use crate::moe::{
-    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::nn::{GatedMlp, Linear, RmsNorm, checked_data, f32_values};
 use crate::rope::{RotaryEmbedding, yarn_mscale};
@@ -462,25 +462,20 @@ pub fn load(
                     device,
                 )?),
             };
-            FeedForward::Sparse(SparseMoe {
-                router: Router::load(
-                    source,
-                    &format!("{mlp_prefix}.gate"),
+            let moe = SparseMoe::load(
+                source,
+                &mlp_prefix,
+                "gate",
+                config.router_spec(version, correction_bias)?,
+                ExpertSpec {
+                    layout: ExpertLayout::HF,
                     hidden,
-                    config.router_spec(version, correction_bias)?,
-                    device,
-                )?,
-                experts: Experts::load(
-                    source,
-                    &mlp_prefix,
-                    ExpertLayout::HF,
-                    [experts, hidden, config.moe_intermediate_size],
-                    ExpertActivation::SwiGlu,
-                    device,
-                )?,
-                shared,
-                shared_gate: None,
-            })
+                    intermediate: config.moe_intermediate_size,
+                    activation: ExpertActivation::SwiGlu,
+                },
+                device,
+            )?;
+            FeedForward::Sparse(SparseMoe { shared, ..moe })
         };
         Ok(DecoderLayer {
             input_layernorm,

@@ -6,12 +6,12 @@
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
-use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
 use crate::moe::{
-    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::{ModelError, WeightSource};
 
@@ -100,8 +100,6 @@ pub fn load(
         device,
         progress,
         |i, p| {
-            let (input_layernorm, post_attention_layernorm) =
-                Decoder::layer_norms(source, p, config, device)?;
             let spec = AttentionSpec {
                 hidden,
                 heads: config.num_attention_heads,
@@ -115,39 +113,24 @@ pub fn load(
                 sliding_window: config.sliding_window(i),
                 sinks: true,
             };
-            let mlp = format!("{p}.mlp");
-            Ok(DecoderLayer {
-                input_layernorm,
-                self_attn: Mixer::Standard(Attention::load(
-                    source,
-                    &format!("{p}.self_attn"),
-                    &spec,
-                    device,
-                )?),
-                post_attention_layernorm,
-                mlp: FeedForward::Sparse(SparseMoe {
-                    router: Router::load(
-                        source,
-                        &format!("{mlp}.router"),
-                        hidden,
-                        config.router_spec(),
-                        device,
-                    )?,
-                    experts: Experts::load(
-                        source,
-                        &mlp,
-                        ExpertLayout::InterleavedWithBias,
-                        [config.num_local_experts, hidden, config.intermediate_size],
-                        ExpertActivation::ClampedSwiGlu {
-                            alpha: config.swiglu_alpha,
-                            limit: config.swiglu_limit,
-                        },
-                        device,
-                    )?,
-                    shared: None,
-                    shared_gate: None,
-                }),
-            })
+            let activation = ExpertActivation::ClampedSwiGlu {
+                alpha: config.swiglu_alpha,
+                limit: config.swiglu_limit,
+            };
+            let moe = SparseMoe::load(
+                source,
+                &format!("{p}.mlp"),
+                "router",
+                config.router_spec(),
+                ExpertSpec {
+                    layout: ExpertLayout::InterleavedWithBias,
+                    hidden,
+                    intermediate: config.intermediate_size,
+                    activation,
+                },
+                device,
+            )?;
+            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
         },
     )
 }

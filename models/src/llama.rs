@@ -4,9 +4,9 @@
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
-use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::decoder::{Decoder, FeedForward};
 use crate::nn::GatedMlp;
 use crate::rope::RotaryEmbedding;
 use crate::{ModelError, WeightSource};
@@ -87,26 +87,15 @@ impl Llama {
             device,
             progress,
             |_, p| {
-                let (input_layernorm, post_attention_layernorm) =
-                    Decoder::layer_norms(source, p, config, device)?;
-                Ok(DecoderLayer {
-                    input_layernorm,
-                    self_attn: Mixer::Standard(Attention::load(
-                        source,
-                        &format!("{p}.self_attn"),
-                        &spec,
-                        device,
-                    )?),
-                    post_attention_layernorm,
-                    mlp: FeedForward::Dense(GatedMlp::load(
-                        source,
-                        &format!("{p}.mlp"),
-                        config.hidden_size,
-                        config.intermediate_size,
-                        config.mlp_bias,
-                        device,
-                    )?),
-                })
+                let mlp = GatedMlp::load(
+                    source,
+                    &format!("{p}.mlp"),
+                    config.hidden_size,
+                    config.intermediate_size,
+                    config.mlp_bias,
+                    device,
+                )?;
+                Decoder::standard_layer(source, p, config, &spec, FeedForward::Dense(mlp), device)
             },
         )
     }

@@ -4,12 +4,12 @@
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
-use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
 use crate::moe::{
-    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::{ModelError, WeightSource};
 
@@ -73,11 +73,6 @@ pub fn load(
         sliding_window: config.sliding_window,
         sinks: false,
     };
-    let sizes = [
-        config.num_local_experts,
-        config.hidden_size,
-        config.intermediate_size,
-    ];
     Decoder::load(
         "mixtral",
         config,
@@ -86,44 +81,26 @@ pub fn load(
         device,
         progress,
         |_, p| {
-            let (input_layernorm, post_attention_layernorm) =
-                Decoder::layer_norms(source, p, config, device)?;
-            let (moe, layout) = if source.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
-                (format!("{p}.block_sparse_moe"), ExpertLayout::MIXTRAL)
+            // The original checkpoints name the block `block_sparse_moe`; transformers 5 `mlp`.
+            let moe = if source.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+                format!("{p}.block_sparse_moe")
             } else {
-                (format!("{p}.mlp"), ExpertLayout::MIXTRAL)
+                format!("{p}.mlp")
             };
-            let router = Router::load(
-                source,
-                &format!("{moe}.gate"),
-                config.hidden_size,
-                config.router_spec(),
-                device,
-            )?;
-            let experts = Experts::load(
+            let moe = SparseMoe::load(
                 source,
                 &moe,
-                layout,
-                sizes,
-                ExpertActivation::SwiGlu,
+                "gate",
+                config.router_spec(),
+                ExpertSpec {
+                    layout: ExpertLayout::MIXTRAL,
+                    hidden: config.hidden_size,
+                    intermediate: config.intermediate_size,
+                    activation: ExpertActivation::SwiGlu,
+                },
                 device,
             )?;
-            Ok(DecoderLayer {
-                input_layernorm,
-                self_attn: Mixer::Standard(Attention::load(
-                    source,
-                    &format!("{p}.self_attn"),
-                    &spec,
-                    device,
-                )?),
-                post_attention_layernorm,
-                mlp: FeedForward::Sparse(SparseMoe {
-                    router,
-                    experts,
-                    shared: None,
-                    shared_gate: None,
-                }),
-            })
+            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
         },
     )
 }

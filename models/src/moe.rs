@@ -631,6 +631,15 @@ impl Experts {
     }
 }
 
+/// How a layer's experts are stored and computed (their count comes from the router).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertSpec {
+    pub layout: ExpertLayout,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub activation: ExpertActivation,
+}
+
 /// An MoE feed-forward block: router, routed experts, and optional shared experts (with
 /// Qwen2-MoE's sigmoid gate on them).
 #[derive(Module, Debug)]
@@ -642,6 +651,38 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
+    /// Loads the router `{prefix}.{router}` and the experts of `{prefix}`, without shared
+    /// experts.
+    pub fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        router: &str,
+        spec: RouterSpec,
+        experts: ExpertSpec,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let ExpertSpec {
+            layout,
+            hidden,
+            intermediate: inter,
+            activation,
+        } = experts;
+        let experts = spec.num_experts;
+        Ok(Self {
+            router: Router::load(source, &format!("{prefix}.{router}"), hidden, spec, device)?,
+            experts: Experts::load(
+                source,
+                prefix,
+                layout,
+                [experts, hidden, inter],
+                activation,
+                device,
+            )?,
+            shared: None,
+            shared_gate: None,
+        })
+    }
+
     /// Runs the block on `x` `[batch, seq, H]`, returning the output and the routing.
     pub fn forward(&self, x: Tensor<3>) -> Result<(Tensor<3>, Routing), ModelError> {
         let [batch, seq, hidden] = x.dims();

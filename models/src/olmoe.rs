@@ -4,12 +4,12 @@
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
-use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
 use crate::moe::{
-    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::{ModelError, WeightSource};
 
@@ -87,38 +87,20 @@ pub fn load(
         device,
         progress,
         |_, p| {
-            let (input_layernorm, post_attention_layernorm) =
-                Decoder::layer_norms(source, p, config, device)?;
-            let mlp = format!("{p}.mlp");
-            Ok(DecoderLayer {
-                input_layernorm,
-                self_attn: Mixer::Standard(Attention::load(
-                    source,
-                    &format!("{p}.self_attn"),
-                    &spec,
-                    device,
-                )?),
-                post_attention_layernorm,
-                mlp: FeedForward::Sparse(SparseMoe {
-                    router: Router::load(
-                        source,
-                        &format!("{mlp}.gate"),
-                        hidden,
-                        config.router_spec(),
-                        device,
-                    )?,
-                    experts: Experts::load(
-                        source,
-                        &mlp,
-                        ExpertLayout::HF,
-                        [config.num_experts, hidden, config.intermediate_size],
-                        ExpertActivation::SwiGlu,
-                        device,
-                    )?,
-                    shared: None,
-                    shared_gate: None,
-                }),
-            })
+            let moe = SparseMoe::load(
+                source,
+                &format!("{p}.mlp"),
+                "gate",
+                config.router_spec(),
+                ExpertSpec {
+                    layout: ExpertLayout::HF,
+                    hidden,
+                    intermediate: config.intermediate_size,
+                    activation: ExpertActivation::SwiGlu,
+                },
+                device,
+            )?;
+            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
         },
     )
 }

@@ -6,12 +6,12 @@
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::attention::{Attention, AttentionSpec, QkNorm};
+use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
-use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
+use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
 use crate::moe::{
-    ExpertActivation, ExpertLayout, Experts, Router, RouterSpec, RoutingMethod, SparseMoe,
+    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::nn::{GatedMlp, Linear};
 use crate::{ModelError, WeightSource};
@@ -150,8 +150,6 @@ pub fn load(
         device,
         progress,
         |i, p| {
-            let (input_layernorm, post_attention_layernorm) =
-                Decoder::layer_norms(source, p, config, device)?;
             let spec = AttentionSpec {
                 hidden,
                 heads: config.num_attention_heads,
@@ -189,24 +187,23 @@ pub fn load(
                 } else {
                     (None, None)
                 };
-                FeedForward::Sparse(SparseMoe {
-                    router: Router::load(
-                        source,
-                        &format!("{mlp}.gate"),
+                let moe = SparseMoe::load(
+                    source,
+                    &mlp,
+                    "gate",
+                    config.router_spec(),
+                    ExpertSpec {
+                        layout: ExpertLayout::HF,
                         hidden,
-                        config.router_spec(),
-                        device,
-                    )?,
-                    experts: Experts::load(
-                        source,
-                        &mlp,
-                        ExpertLayout::HF,
-                        [config.num_experts(), hidden, config.moe_intermediate_size],
-                        ExpertActivation::SwiGlu,
-                        device,
-                    )?,
+                        intermediate: config.moe_intermediate_size,
+                        activation: ExpertActivation::SwiGlu,
+                    },
+                    device,
+                )?;
+                FeedForward::Sparse(SparseMoe {
                     shared,
                     shared_gate,
+                    ..moe
                 })
             } else {
                 FeedForward::Dense(GatedMlp::load(
@@ -218,17 +215,7 @@ pub fn load(
                     device,
                 )?)
             };
-            Ok(DecoderLayer {
-                input_layernorm,
-                self_attn: Mixer::Standard(Attention::load(
-                    source,
-                    &format!("{p}.self_attn"),
-                    &spec,
-                    device,
-                )?),
-                post_attention_layernorm,
-                mlp,
-            })
+            Decoder::standard_layer(source, p, config, &spec, mlp, device)
         },
     )
 }

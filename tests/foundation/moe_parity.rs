@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use moera::engine::{Device, Model};
+use moera::models::LogitsMode;
 use moera::models::nn::token_tensor;
-use moera::models::{CausalLm, LogitsMode};
 
 use crate::common::*;
 
@@ -105,7 +105,7 @@ fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f6
             LogitsMode::All,
         )
         .expect("prefill");
-    logits.extend(first.into_data().into_vec::<f32>().unwrap());
+    logits.extend(first.into_data().try_into_vec::<f32>().unwrap());
     for &id in &prompt[prefill..] {
         let step = lm
             .forward(
@@ -114,7 +114,7 @@ fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f6
                 LogitsMode::Last,
             )
             .expect("decode step");
-        logits.extend(step.into_data().into_vec::<f32>().unwrap());
+        logits.extend(step.into_data().try_into_vec::<f32>().unwrap());
     }
     assert_eq!(logits.len(), prompt.len() * vocab);
     let diff = max_abs_diff(&logits, expected);

@@ -1,0 +1,94 @@
+//! One MoE layer's experts: the reference sparse dispatch (only the chosen experts run, on
+//! their own token rows) against running every expert on every token and masking, for
+//! tokens ∈ {1, 16, 256}, experts ∈ {8, 64}, top-k ∈ {2, 8}; hidden 1024, expert
+//! intermediate 512, random weights and router logits (softmax → top-k → renormalize).
+//! Routing is computed beforehand; the timed part is the expert computation.
+//!
+//!     RAYON_NUM_THREADS=2 cargo bench --bench moe
+//!     MOERA_DEVICE=wgpu cargo bench --bench moe --features wgpu   # or cuda
+//!
+//! Sparse cost should follow k/E; dense cost does not depend on k.
+
+use std::time::Duration;
+
+use burn::tensor::{Tensor, TensorData};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use moera::engine::DeviceKind;
+use moera::models::moe::{ExpertActivation, Experts, RouterSpec, Routing, RoutingMethod};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const HIDDEN: usize = 1024;
+const INTERMEDIATE: usize = 512;
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn routing(rng: &mut StdRng, tokens: usize, experts: usize, top_k: usize) -> Routing {
+    let spec = RouterSpec {
+        num_experts: experts,
+        top_k,
+        method: RoutingMethod::SoftmaxTopK { normalize: true },
+        scale: 1.0,
+        bias: false,
+    };
+    let logits = random(rng, tokens * experts, 3.0);
+    let (mut ids, mut weights) = (Vec::new(), Vec::new());
+    for row in logits.chunks(experts) {
+        let (i, w) = spec.route_token(row);
+        ids.extend(i.into_iter().map(|i| i as u32));
+        weights.extend(w);
+    }
+    Routing {
+        num_experts: experts,
+        top_k,
+        logits,
+        ids,
+        weights,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let device = DeviceKind::default_kind()
+        .and_then(|kind| kind.device())
+        .expect("device");
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut group = c.benchmark_group("moe_layer");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for experts in [8, 64] {
+        let scale = 1.0 / (HIDDEN as f32).sqrt();
+        let layer = Experts::from_stacked(
+            [experts, HIDDEN, INTERMEDIATE],
+            random(&mut rng, experts * HIDDEN * 2 * INTERMEDIATE, scale),
+            random(&mut rng, experts * INTERMEDIATE * HIDDEN, scale),
+            None,
+            ExpertActivation::SwiGlu,
+            &device,
+        )
+        .expect("experts");
+        for top_k in [2, 8] {
+            for tokens in [1, 16, 256] {
+                let routing = routing(&mut rng, tokens, experts, top_k);
+                let x = Tensor::<2>::from_data(
+                    TensorData::new(random(&mut rng, tokens * HIDDEN, 1.0), [tokens, HIDDEN]),
+                    &device,
+                );
+                group.throughput(Throughput::Elements(tokens as u64));
+                let id = format!("E{experts}/k{top_k}/t{tokens}");
+                group.bench_with_input(BenchmarkId::new("sparse", &id), &x, |b, x| {
+                    b.iter(|| layer.forward_sparse(x.clone(), &routing).into_data())
+                });
+                group.bench_with_input(BenchmarkId::new("dense", &id), &x, |b, x| {
+                    b.iter(|| layer.forward_dense(x.clone(), &routing).into_data())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
