@@ -209,3 +209,58 @@ fn moe_gguf_files_match_transformers() {
         assert!(!trace.layers.is_empty());
     }
 }
+
+/// Experts stored as transformers 5 holds them in memory and some checkpoints ship them:
+/// `experts.gate_up_proj` `[E, 2I, H]` (each expert's gate rows, then its up rows) and
+/// `experts.down_proj` `[E, H, I]` — built here from the per-expert tensors exactly as
+/// transformers' loader merges them — give transformers' logits.
+#[test]
+fn fused_expert_tensors_match_transformers() {
+    let dir = scratch();
+    let model_dir = copy_fixture("tiny-qwen2-moe", dir.path());
+    let path = model_dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.shape().to_vec(), view.data().to_vec())))
+        .collect();
+    let (experts, hidden, inter) = (8, 64, 32);
+    let mut take = |name: String| tensors.remove(&name).unwrap_or_else(|| panic!("{name}")).1;
+    let mut fused = Vec::new();
+    for layer in 0..2 {
+        let p = format!("model.layers.{layer}.mlp.experts");
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..experts {
+            gate_up.extend(take(format!("{p}.{e}.gate_proj.weight")));
+            gate_up.extend(take(format!("{p}.{e}.up_proj.weight")));
+            down.extend(take(format!("{p}.{e}.down_proj.weight")));
+        }
+        fused.push((format!("{p}.gate_up_proj"), vec![experts, 2 * inter, hidden], gate_up));
+        fused.push((format!("{p}.down_proj"), vec![experts, hidden, inter], down));
+    }
+    assert!(!tensors.keys().any(|k| k.contains(".experts.")));
+    let all: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, (shape, data))| (name, shape, data))
+        .chain(fused)
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = all
+        .iter()
+        .map(|(name, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let reference = reference(&fixtures().join("tiny-qwen2-moe").join("reference.safetensors"));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let model = load_on(&model_dir, &flex());
+    let logits = model.logits(&prompt).expect("forward");
+    let diff = max_abs_diff(&logits, &reference["logits"].1);
+    assert!(diff < LOGITS_TOLERANCE, "fused experts: logits differ by {diff}");
+}
