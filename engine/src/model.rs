@@ -149,6 +149,20 @@ impl Model {
 
     /// [`Model::logits`] plus the routing of every position in each MoE layer: chosen
     /// experts, their weights and the router logits (empty for dense models).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), moera_engine::Error> {
+    /// let model = moera_engine::Model::load("path/to/Qwen3-30B-A3B")?;
+    /// let (_logits, trace) = model.logits_with_routing(&[9707, 11, 1879])?;
+    /// for (layer, routing) in &trace.layers {
+    ///     // Experts of the first token, best first, and their weights.
+    ///     let k = routing.top_k;
+    ///     println!("layer {layer}: {:?} {:?}", &routing.ids[..k], &routing.weights[..k]);
+    /// }
+    /// print!("{}", trace.load_table());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn logits_with_routing(&self, ids: &[u32]) -> Result<(Vec<f32>, RouterTrace)> {
         let mut trace = RouterTrace::default();
         let logits = self.logits_traced(ids, Some(&mut trace))?;

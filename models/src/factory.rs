@@ -14,6 +14,8 @@ use crate::{Metadata, ModelError, WeightSource, gpt_oss, mixtral, olmoe};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    Qwen2,
+    Qwen3,
     Mixtral,
     Qwen2Moe,
     Qwen3Moe,
@@ -26,6 +28,8 @@ pub enum Architecture {
 /// transformers class names and `model_type`s of every supported architecture.
 pub const SUPPORTED_ARCHITECTURES: &[(&str, &str, Architecture)] = &[
     ("LlamaForCausalLM", "llama", Architecture::Llama),
+    ("Qwen2ForCausalLM", "qwen2", Architecture::Qwen2),
+    ("Qwen3ForCausalLM", "qwen3", Architecture::Qwen3),
     ("MixtralForCausalLM", "mixtral", Architecture::Mixtral),
     ("Qwen2MoeForCausalLM", "qwen2_moe", Architecture::Qwen2Moe),
     ("Qwen3MoeForCausalLM", "qwen3_moe", Architecture::Qwen3Moe),
@@ -105,14 +109,14 @@ impl Architecture {
                 Llama::load(&parse::<LlamaConfig>(config)?, source, device, progress)
             }
             Architecture::Mixtral => mixtral::load(&parse(config)?, source, device, progress),
-            Architecture::Qwen2Moe => qwen_moe::load(
+            Architecture::Qwen2 | Architecture::Qwen2Moe => qwen_moe::load(
                 QwenMoeVariant::Qwen2,
                 &parse(config)?,
                 source,
                 device,
                 progress,
             ),
-            Architecture::Qwen3Moe => qwen_moe::load(
+            Architecture::Qwen3 | Architecture::Qwen3Moe => qwen_moe::load(
                 QwenMoeVariant::Qwen3,
                 &parse(config)?,
                 source,

@@ -1,7 +1,8 @@
-//! Qwen2-MoE and Qwen3-MoE. Both route softmax → top-k (renormalized if `norm_topk_prob`)
-//! and keep dense MLP layers where `mlp_only_layers` or `decoder_sparse_step` say.
-//! Qwen2-MoE adds a shared expert behind a sigmoid gate and q/k/v biases; Qwen3-MoE has
-//! per-head q/k RMSNorm instead.
+//! Qwen2-MoE and Qwen3-MoE, and the dense Qwen2 and Qwen3 they extend. The MoE models route
+//! softmax → top-k (renormalized if `norm_topk_prob`) and keep dense MLP layers where
+//! `mlp_only_layers` or `decoder_sparse_step` say; a config without experts is all dense.
+//! Qwen2 has q/k/v biases (Qwen2-MoE adds a shared expert behind a sigmoid gate); Qwen3 has
+//! per-head q/k RMSNorm instead. Layers `layer_types` marks as sliding attend to a window.
 
 use burn::tensor::Device;
 use serde::Deserialize;
@@ -30,12 +31,14 @@ pub struct QwenMoeConfig {
     pub base: BaseConfig,
     /// Width of the dense MLP layers.
     pub intermediate_size: usize,
+    #[serde(default)]
     pub moe_intermediate_size: usize,
     /// Routed experts (`num_experts`; transformers 5 writes `num_local_experts`).
     #[serde(default)]
     num_experts: Option<usize>,
     #[serde(default)]
     num_local_experts: Option<usize>,
+    #[serde(default)]
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,

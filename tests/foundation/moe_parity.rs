@@ -184,7 +184,7 @@ fn moe_architectures_match_transformers_on_wgpu() {
     let device = moera::engine::DeviceKind::Wgpu
         .device()
         .expect("wgpu device");
-    for name in MOE_FIXTURES {
+    for name in MOE_FIXTURES.iter().chain(&["tiny-qwen2", "tiny-qwen3"]) {
         check_moe_parity(name, &device);
     }
 }
@@ -237,7 +237,11 @@ fn fused_expert_tensors_match_transformers() {
             gate_up.extend(take(format!("{p}.{e}.up_proj.weight")));
             down.extend(take(format!("{p}.{e}.down_proj.weight")));
         }
-        fused.push((format!("{p}.gate_up_proj"), vec![experts, 2 * inter, hidden], gate_up));
+        fused.push((
+            format!("{p}.gate_up_proj"),
+            vec![experts, 2 * inter, hidden],
+            gate_up,
+        ));
         fused.push((format!("{p}.down_proj"), vec![experts, hidden, inter], down));
     }
     assert!(!tensors.keys().any(|k| k.contains(".experts.")));
@@ -257,10 +261,28 @@ fn fused_expert_tensors_match_transformers() {
         .collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
 
-    let reference = reference(&fixtures().join("tiny-qwen2-moe").join("reference.safetensors"));
+    let reference = reference(
+        &fixtures()
+            .join("tiny-qwen2-moe")
+            .join("reference.safetensors"),
+    );
     let prompt = ids(&reference["prompt_ids"].1);
     let model = load_on(&model_dir, &flex());
     let logits = model.logits(&prompt).expect("forward");
     let diff = max_abs_diff(&logits, &reference["logits"].1);
-    assert!(diff < LOGITS_TOLERANCE, "fused experts: logits differ by {diff}");
+    assert!(
+        diff < LOGITS_TOLERANCE,
+        "fused experts: logits differ by {diff}"
+    );
+}
+
+#[test]
+fn dense_qwen2_with_a_sliding_layer_matches_transformers() {
+    // The dense models the Qwen MoE code extends: q/k/v biases, a window of 4 on layer 2.
+    check_moe_parity("tiny-qwen2", &flex());
+}
+
+#[test]
+fn dense_qwen3_with_tied_head_matches_transformers() {
+    check_moe_parity("tiny-qwen3", &flex());
 }
