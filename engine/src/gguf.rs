@@ -461,16 +461,7 @@ pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Result<V
         ));
     }
     let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (h * head_dim + 2 * i + j) * cols;
-                let dst = (h * head_dim + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
-            }
-        }
-    }
-    Ok(out)
+    Ok(moera_models::nn::deinterleave_rows(
+        values, cols, head_dim, 0, head_dim,
+    ))
 }

@@ -137,7 +137,8 @@ impl Model {
         }
     }
 
-    /// The architecture itself, for driving a [`moera_models::KvCache`] directly.
+    /// The architecture itself, for driving a [`moera_models::KvCache`] directly. Token ids
+    /// given to it are not checked: keep them below [`Model::vocab_size`].
     pub fn causal_lm(&self) -> &dyn CausalLm {
         self.inner.as_ref()
     }

@@ -111,3 +111,8 @@ impl BaseConfig {
         self.rope_scaling().map(|_| ())
     }
 }
+
+/// Whether `layer_types` (transformers' per-layer attention kinds) marks layer `i` sliding.
+pub fn is_sliding_layer(layer_types: &[String], i: usize) -> bool {
+    layer_types.get(i).map(String::as_str) == Some("sliding_attention")
+}

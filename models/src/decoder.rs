@@ -281,6 +281,9 @@ impl CausalLm for Decoder {
         mut trace: Option<&mut RouterTrace>,
     ) -> Result<Tensor<3>, ModelError> {
         let [batch, seq] = tokens.dims();
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::EmptyInput);
+        }
         let requested = cache.len() + seq;
         if requested > cache.capacity() {
             return Err(ModelError::ContextOverflow {

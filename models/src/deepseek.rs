@@ -19,7 +19,7 @@ use crate::decoder::{Decoder, DecoderLayer, FeedForward, Mixer};
 use crate::moe::{
     ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
-use crate::nn::{GatedMlp, Linear, RmsNorm, checked_data, f32_values};
+use crate::nn::{GatedMlp, Linear, RmsNorm, checked_data, deinterleave_rows, f32_values};
 use crate::rope::{RotaryEmbedding, yarn_mscale};
 use crate::{KvCache, ModelError, WeightSource};
 
@@ -43,7 +43,7 @@ pub struct DeepseekConfig {
     #[serde(default)]
     pub n_shared_experts: Option<usize>,
     #[serde(default)]
-    pub first_k_dense_replace: usize,
+    pub first_k_dense_replace: Option<usize>,
     #[serde(default)]
     pub q_lora_rank: Option<usize>,
     pub kv_lora_rank: usize,
@@ -59,17 +59,13 @@ pub struct DeepseekConfig {
     pub topk_method: Option<String>,
     #[serde(default)]
     pub norm_topk_prob: Option<bool>,
-    #[serde(default = "unit")]
-    pub routed_scaling_factor: f32,
+    #[serde(default)]
+    pub routed_scaling_factor: Option<f32>,
     /// V3: whether the rotary dimensions are stored as interleaved pairs (V2 always are).
     #[serde(default)]
     pub rope_interleave: Option<bool>,
     #[serde(default)]
     pub attention_bias: bool,
-}
-
-fn unit() -> f32 {
-    1.0
 }
 
 impl std::ops::Deref for DeepseekConfig {
@@ -80,7 +76,26 @@ impl std::ops::Deref for DeepseekConfig {
     }
 }
 
+/// transformers' defaults for keys a config leaves out, per version:
+/// (`n_shared_experts`, `first_k_dense_replace`, `n_group`, `topk_group`, `routed_scaling_factor`).
+fn version_defaults(version: DeepseekVersion) -> (usize, usize, usize, usize, f32) {
+    match version {
+        DeepseekVersion::V2 => (2, 0, 1, 1, 1.0),
+        DeepseekVersion::V3 => (1, 3, 8, 4, 2.5),
+    }
+}
+
 impl DeepseekConfig {
+    pub fn n_shared_experts(&self, version: DeepseekVersion) -> usize {
+        self.n_shared_experts.unwrap_or(version_defaults(version).0)
+    }
+
+    /// How many leading layers are dense.
+    pub fn first_k_dense_replace(&self, version: DeepseekVersion) -> usize {
+        self.first_k_dense_replace
+            .unwrap_or(version_defaults(version).1)
+    }
+
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
@@ -91,7 +106,11 @@ impl DeepseekConfig {
         version: DeepseekVersion,
         correction_bias: Vec<f32>,
     ) -> Result<RouterSpec, ModelError> {
-        let groups = (self.n_group.unwrap_or(1), self.topk_group.unwrap_or(1));
+        let (_, _, n_group, topk_group, scale) = version_defaults(version);
+        let groups = (
+            self.n_group.unwrap_or(n_group),
+            self.topk_group.unwrap_or(topk_group),
+        );
         let method = match version {
             DeepseekVersion::V2 => match self.topk_method.as_deref().unwrap_or("greedy") {
                 "greedy" => RoutingMethod::SoftmaxGroupLimited { groups: None },
@@ -114,7 +133,7 @@ impl DeepseekConfig {
             num_experts: self.n_routed_experts,
             top_k: self.num_experts_per_tok,
             method,
-            scale: self.routed_scaling_factor,
+            scale: self.routed_scaling_factor.unwrap_or(scale),
             bias: false,
         })
     }
@@ -143,7 +162,7 @@ impl DeepseekConfig {
                 "kv_lora_rank, qk_nope_head_dim and v_head_dim must be > 0".into(),
             ));
         }
-        if self.first_k_dense_replace < self.num_hidden_layers {
+        if self.first_k_dense_replace(version) < self.num_hidden_layers {
             let bias = vec![0.0; self.n_routed_experts];
             self.router_spec(version, bias)?.validate()?;
         }
@@ -151,28 +170,16 @@ impl DeepseekConfig {
     }
 }
 
-/// Reorders the rotary part of rows `[offset, offset + rope)` of every `stride`-row block
-/// from interleaved pairs `(x0, x1), (x2, x3), ...` to halves `x0, x2, ..., x1, x3, ...`.
-fn deinterleave_rows(data: TensorData, stride: usize, offset: usize, rope: usize) -> TensorData {
+/// [`deinterleave_rows`] over weight data: rows `[offset, offset + rope)` of every
+/// `stride`-row block go from interleaved pairs to halves.
+fn deinterleave_data(data: TensorData, stride: usize, offset: usize, rope: usize) -> TensorData {
     let shape = data.shape().as_slice().to_vec();
     let cols = if shape.len() == 2 { shape[1] } else { 1 };
     let values = data.try_to_vec::<f32>().expect("weight sources yield f32");
-    let mut out = values.clone();
-    for block in 0..shape[0] / stride {
-        let base = block * stride + offset;
-        for i in 0..rope {
-            let from = base
-                + if i < rope / 2 {
-                    2 * i
-                } else {
-                    2 * (i - rope / 2) + 1
-                };
-            let to = base + i;
-            out[to * cols..(to + 1) * cols]
-                .copy_from_slice(&values[from * cols..(from + 1) * cols]);
-        }
-    }
-    TensorData::new(out, shape)
+    TensorData::new(
+        deinterleave_rows(&values, cols, stride, offset, rope),
+        shape,
+    )
 }
 
 /// Shapes of a latent attention layer.
@@ -232,8 +239,8 @@ impl LatentAttention {
                     None
                 };
                 if interleaved {
-                    weight = deinterleave_rows(weight, stride, offset, rope);
-                    b = b.map(|b| deinterleave_rows(b, stride, offset, rope));
+                    weight = deinterleave_data(weight, stride, offset, rope);
+                    b = b.map(|b| deinterleave_data(b, stride, offset, rope));
                 }
                 let b = b.map(|b| burn::module::Param::from_tensor(Tensor::from_data(b, device)));
                 Ok::<_, ModelError>(Linear::from_hf_weight(&weight, b, device))
@@ -433,7 +440,7 @@ pub fn load(
             device,
         )?);
         let mlp_prefix = format!("{p}.mlp");
-        let mlp = if i < config.first_k_dense_replace {
+        let mlp = if i < config.first_k_dense_replace(version) {
             FeedForward::Dense(GatedMlp::load(
                 source,
                 &mlp_prefix,
@@ -451,7 +458,7 @@ pub fn load(
                     f32_values(checked_data(source, &name, &[experts])?, &name)?
                 }
             };
-            let shared = match config.n_shared_experts.unwrap_or(0) {
+            let shared = match config.n_shared_experts(version) {
                 0 => None,
                 n => Some(GatedMlp::load(
                     source,

@@ -151,6 +151,9 @@ pub fn hf_config_from_gguf(
     vocab_size: usize,
     has_tensor: &dyn Fn(&str) -> bool,
 ) -> Result<(Architecture, Json), ModelError> {
+    if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch) {
+        return Err(Architecture::unsupported_gguf(arch));
+    }
     let int = |key: &str| meta.get_u64(&format!("{arch}.{key}")).map(|v| v as usize);
     let need = |key: &str| {
         int(key).ok_or_else(|| ModelError::Config(format!("GGUF metadata lacks `{arch}.{key}`")))
@@ -169,9 +172,27 @@ pub fn hf_config_from_gguf(
         "max_position_embeddings": int("context_length").unwrap_or(2048),
         "intermediate_size": int("feed_forward_length").unwrap_or(0),
     });
-    if meta.get_str(&format!("{arch}.rope.scaling.type")) == Some("linear") {
-        config["rope_scaling"] =
-            json!({"rope_type": "linear", "factor": float("rope.scaling.factor")});
+    match meta.get_str(&format!("{arch}.rope.scaling.type")) {
+        None | Some("none") => {}
+        Some("linear") => {
+            config["rope_scaling"] =
+                json!({"rope_type": "linear", "factor": float("rope.scaling.factor")});
+        }
+        Some("yarn") => {
+            config["rope_scaling"] = json!({
+                "rope_type": "yarn",
+                "factor": float("rope.scaling.factor"),
+                "original_max_position_embeddings": int("rope.scaling.original_context_length"),
+                "beta_fast": float("rope.scaling.yarn_beta_fast"),
+                "beta_slow": float("rope.scaling.yarn_beta_slow"),
+                "attention_factor": float("rope.scaling.yarn_attn_factor"),
+            });
+        }
+        Some(other) => {
+            return Err(ModelError::Config(format!(
+                "GGUF rope scaling `{other}` is not supported (none, linear, yarn)"
+            )));
+        }
     }
     let experts = int("expert_count").unwrap_or(0);
     let top_k = int("expert_used_count").unwrap_or(0);
@@ -185,9 +206,19 @@ pub fn hf_config_from_gguf(
         "qwen2moe" | "qwen3moe" => {
             config["num_experts"] = json!(experts);
             config["num_experts_per_tok"] = json!(top_k);
-            config["moe_intermediate_size"] = json!(need("expert_feed_forward_length")?);
-            config["shared_expert_intermediate_size"] =
-                json!(int("expert_shared_feed_forward_length").unwrap_or(0));
+            // llama.cpp's fallbacks for files written before these keys existed.
+            let dense_width = int("feed_forward_length").unwrap_or(0);
+            let expert_width =
+                int("expert_feed_forward_length").unwrap_or(dense_width / top_k.max(1));
+            let has_shared =
+                (0..layers).any(|i| has_tensor(&format!("blk.{i}.ffn_up_shexp.weight")));
+            let shared_width = match int("expert_shared_feed_forward_length") {
+                Some(width) => width,
+                None if has_shared => dense_width,
+                None => 0,
+            };
+            config["moe_intermediate_size"] = json!(expert_width);
+            config["shared_expert_intermediate_size"] = json!(shared_width);
             // Layers without a router are dense.
             let dense: Vec<usize> = (0..layers)
                 .filter(|i| !has_tensor(&format!("blk.{i}.ffn_gate_inp.weight")))
@@ -234,7 +265,6 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
         "mlp.experts.gate_proj" => Some("ffn_gate_exps.weight"),
         "mlp.experts.up_proj" => Some("ffn_up_exps.weight"),
         "mlp.experts.down_proj" => Some("ffn_down_exps.weight"),
-        "mlp.gate.e_score_correction_bias" => Some("exp_probs_b.bias"),
         _ => None,
     };
     if let Some(name) = stacked {
@@ -261,4 +291,79 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Meta(HashMap<String, String>);
+
+    impl Metadata for Meta {
+        fn get_u64(&self, key: &str) -> Option<u64> {
+            self.0.get(key)?.parse().ok()
+        }
+        fn get_f64(&self, key: &str) -> Option<f64> {
+            self.0.get(key)?.parse().ok()
+        }
+        fn get_str(&self, key: &str) -> Option<&str> {
+            self.0.get(key).map(String::as_str)
+        }
+    }
+
+    fn qwen2moe(extra: &[(&str, &str)]) -> Meta {
+        let mut meta = Meta::default();
+        for (k, v) in [
+            ("block_count", "2"),
+            ("embedding_length", "64"),
+            ("attention.head_count", "4"),
+            ("feed_forward_length", "128"),
+            ("expert_count", "8"),
+            ("expert_used_count", "2"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            meta.0.insert(format!("qwen2moe.{k}"), v.to_string());
+        }
+        meta
+    }
+
+    #[test]
+    fn gguf_keys_missing_from_older_files_fall_back_as_llama_cpp_does() {
+        let has = |name: &str| name.contains("ffn_up_shexp") || name.contains("ffn_gate_inp");
+        let (arch, config) = hf_config_from_gguf(&qwen2moe(&[]), "qwen2moe", 512, &has).unwrap();
+        assert_eq!(arch, Architecture::Qwen2Moe);
+        // n_ff_exp = n_ff / n_expert_used; n_ff_shexp = n_ff.
+        assert_eq!(config["moe_intermediate_size"], 64);
+        assert_eq!(config["shared_expert_intermediate_size"], 128);
+        let none = |_: &str| false;
+        let (_, config) = hf_config_from_gguf(&qwen2moe(&[]), "qwen2moe", 512, &none).unwrap();
+        assert_eq!(config["shared_expert_intermediate_size"], 0);
+    }
+
+    #[test]
+    fn gguf_yarn_becomes_rope_scaling_and_unknown_scaling_is_an_error() {
+        let has = |_: &str| true;
+        let meta = qwen2moe(&[
+            ("rope.scaling.type", "yarn"),
+            ("rope.scaling.factor", "4"),
+            ("rope.scaling.original_context_length", "32768"),
+        ]);
+        let (_, config) = hf_config_from_gguf(&meta, "qwen2moe", 512, &has).unwrap();
+        assert_eq!(config["rope_scaling"]["rope_type"], "yarn");
+        assert_eq!(config["rope_scaling"]["factor"], 4.0);
+        assert_eq!(
+            config["rope_scaling"]["original_max_position_embeddings"],
+            32768
+        );
+        let meta = qwen2moe(&[("rope.scaling.type", "longrope")]);
+        let err = hf_config_from_gguf(&meta, "qwen2moe", 512, &has).unwrap_err();
+        assert!(err.to_string().contains("longrope"), "{err}");
+        let err = hf_config_from_gguf(&meta, "gemma3", 512, &has).unwrap_err();
+        assert!(err.to_string().contains("qwen3moe"), "{err}");
+    }
 }

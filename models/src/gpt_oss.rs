@@ -24,7 +24,7 @@ pub struct GptOssConfig {
     pub intermediate_size: usize,
     pub num_local_experts: usize,
     pub num_experts_per_tok: usize,
-    #[serde(default)]
+    #[serde(default = "default_window")]
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
@@ -34,6 +34,10 @@ pub struct GptOssConfig {
     pub swiglu_limit: f32,
     #[serde(default = "yes")]
     pub attention_bias: bool,
+}
+
+fn default_window() -> Option<usize> {
+    Some(128)
 }
 
 fn default_alpha() -> f32 {
@@ -71,10 +75,13 @@ impl GptOssConfig {
     /// attention, starting with sliding.
     pub fn sliding_window(&self, i: usize) -> Option<usize> {
         let sliding = match &self.layer_types {
-            Some(types) => types.get(i).map(String::as_str) == Some("sliding_attention"),
+            Some(types) => crate::config::is_sliding_layer(types, i),
             None => i.is_multiple_of(2),
         };
-        sliding.then_some(self.sliding_window).flatten()
+        sliding
+            .then_some(self.sliding_window)
+            .flatten()
+            .filter(|&w| w > 0)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -83,13 +90,18 @@ impl GptOssConfig {
     }
 }
 
-/// Builds a GPT-OSS [`Decoder`] (unquantized weights; MXFP4 expert blocks are not read).
+/// Builds a GPT-OSS [`Decoder`] from unquantized weights (the published checkpoints store
+/// experts as MXFP4 blocks, which are not read yet: they fail as a missing tensor).
 pub fn load(
     config: &GptOssConfig,
     source: &dyn WeightSource,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Decoder, ModelError> {
+    // transformers' GPT-OSS default head width, which is not hidden / heads.
+    let mut config = config.clone();
+    config.base.head_dim.get_or_insert(64);
+    let config = &config;
     config.validate()?;
     let hidden = config.hidden_size;
     Decoder::load(

@@ -42,6 +42,8 @@ pub enum ModelError {
     ConfigJson(String),
     #[error("unsupported architecture `{name}` (supported: {supported})")]
     UnsupportedArchitecture { name: String, supported: String },
+    #[error("no tokens to run")]
+    EmptyInput,
     #[error("sequence of {requested} tokens exceeds the KV cache capacity of {capacity}")]
     ContextOverflow { requested: usize, capacity: usize },
     #[error("failed to read tensor `{name}`: {reason}")]

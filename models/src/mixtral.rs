@@ -70,7 +70,7 @@ pub fn load(
         qk_norm: QkNorm::None,
         norm_eps: config.rms_norm_eps,
         clip_qkv: None,
-        sliding_window: config.sliding_window,
+        sliding_window: config.sliding_window.filter(|&w| w > 0),
         sinks: false,
     };
     Decoder::load(

@@ -362,6 +362,20 @@ pub struct Experts {
     activation: ExpertActivation,
 }
 
+/// Rows of `2·inter` interleaved columns (gate, up, gate, up, ...) written to `dst` as
+/// `[gate × inter | up × inter]` rows (GPT-OSS's fused layout to ours).
+fn split_interleaved(src: &[f32], dst: &mut [f32], inter: usize) {
+    for (dst, src) in dst
+        .chunks_exact_mut(2 * inter)
+        .zip(src.chunks_exact(2 * inter))
+    {
+        for j in 0..inter {
+            dst[j] = src[2 * j];
+            dst[inter + j] = src[2 * j + 1];
+        }
+    }
+}
+
 /// Reads a stacked tensor whose first dimension counts experts, reporting a different
 /// count as [`ModelError::ExpertCount`].
 fn stacked(
@@ -401,29 +415,13 @@ impl Experts {
                 let name = format!("{prefix}.experts.gate_up_proj");
                 let fused = stacked(source, &name, &[experts, hidden, 2 * inter])?;
                 // Column 2j is gate j, column 2j+1 is up j.
-                for (dst, src) in gate_up
-                    .chunks_exact_mut(2 * inter)
-                    .zip(fused.chunks_exact(2 * inter))
-                {
-                    for j in 0..inter {
-                        dst[j] = src[2 * j];
-                        dst[inter + j] = src[2 * j + 1];
-                    }
-                }
+                split_interleaved(&fused, &mut gate_up, inter);
                 let name = format!("{prefix}.experts.down_proj");
                 down = stacked(source, &name, &[experts, inter, hidden])?;
                 let name = format!("{prefix}.experts.gate_up_proj_bias");
                 let fused_bias = stacked(source, &name, &[experts, 2 * inter])?;
                 let mut gate_up_bias = vec![0f32; experts * 2 * inter];
-                for (dst, src) in gate_up_bias
-                    .chunks_exact_mut(2 * inter)
-                    .zip(fused_bias.chunks_exact(2 * inter))
-                {
-                    for j in 0..inter {
-                        dst[j] = src[2 * j];
-                        dst[inter + j] = src[2 * j + 1];
-                    }
-                }
+                split_interleaved(&fused_bias, &mut gate_up_bias, inter);
                 let name = format!("{prefix}.experts.down_proj_bias");
                 let down_bias = stacked(source, &name, &[experts, hidden])?;
                 biases = Some((gate_up_bias, down_bias));

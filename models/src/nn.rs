@@ -103,6 +103,33 @@ pub fn transpose_into(block: &[f32], cols: usize, out: &mut [f32], stride: usize
     }
 }
 
+/// Rows of `cols` values, in blocks of `stride` rows: the `width` rows from `offset` in
+/// each block are reordered from interleaved pairs `(r0, r1), (r2, r3), ...` to halves
+/// `r0, r2, ..., r1, r3, ...` (row `2i + j` moves to `j·width/2 + i`). Rotary weights
+/// stored for pairwise rotation (llama.cpp's Q/K, DeepSeek's rope dims) become the
+/// rotate-half layout this way.
+pub fn deinterleave_rows(
+    values: &[f32],
+    cols: usize,
+    stride: usize,
+    offset: usize,
+    width: usize,
+) -> Vec<f32> {
+    let mut out = values.to_vec();
+    let rows = values.len() / cols.max(1);
+    let half = width / 2;
+    for block in (0..rows / stride.max(1)).map(|b| b * stride + offset) {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = (block + 2 * i + j) * cols;
+                let to = (block + j * half + i) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
+    }
+    out
+}
+
 /// The f32 values of weight data, or an error naming the tensor.
 pub fn f32_values(data: TensorData, name: &str) -> Result<Vec<f32>, ModelError> {
     data.try_into_vec::<f32>().map_err(|e| ModelError::Weights {

@@ -4,7 +4,7 @@
 //! Qwen2 has q/k/v biases (Qwen2-MoE adds a shared expert behind a sigmoid gate); Qwen3 has
 //! per-head q/k RMSNorm instead. Layers `layer_types` marks as sliding attend to a window.
 
-use burn::tensor::Device;
+use burn::tensor::{Device, TensorData};
 use serde::Deserialize;
 
 use crate::attention::{AttentionSpec, QkNorm};
@@ -14,7 +14,7 @@ use crate::llama::rotary;
 use crate::moe::{
     ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
-use crate::nn::{GatedMlp, Linear};
+use crate::nn::{GatedMlp, Linear, checked_data, f32_values};
 use crate::{ModelError, WeightSource};
 
 /// Which of the two generations a config describes.
@@ -33,7 +33,8 @@ pub struct QwenMoeConfig {
     pub intermediate_size: usize,
     #[serde(default)]
     pub moe_intermediate_size: usize,
-    /// Routed experts (`num_experts`; transformers 5 writes `num_local_experts`).
+    /// Routed experts: `num_experts` (Qwen3-MoE configs saved by transformers 5 spell it
+    /// `num_local_experts`).
     #[serde(default)]
     num_experts: Option<usize>,
     #[serde(default)]
@@ -57,6 +58,8 @@ pub struct QwenMoeConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub use_sliding_window: bool,
+    #[serde(default = "default_max_window_layers")]
+    pub max_window_layers: usize,
     #[serde(default)]
     pub sliding_window: Option<usize>,
     #[serde(default)]
@@ -65,6 +68,10 @@ pub struct QwenMoeConfig {
 
 fn one() -> usize {
     1
+}
+
+fn default_max_window_layers() -> usize {
+    28
 }
 
 impl std::ops::Deref for QwenMoeConfig {
@@ -99,17 +106,23 @@ impl QwenMoeConfig {
             && (i + 1).is_multiple_of(self.decoder_sparse_step.max(1))
     }
 
-    /// The sliding window of layer `i`, if it has one.
-    pub fn sliding_window(&self, i: usize) -> Option<usize> {
-        match &self.layer_types {
-            Some(types) => (types.get(i).map(String::as_str) == Some("sliding_attention"))
-                .then_some(self.sliding_window)
-                .flatten(),
-            None => self
-                .use_sliding_window
-                .then_some(self.sliding_window)
-                .flatten(),
-        }
+    /// The sliding window of layer `i`, if it has one. Without `use_sliding_window` there
+    /// is none; else `layer_types` decides, or when absent each config class's rule:
+    /// dense Qwen2/Qwen3 slide on layers from `max_window_layers` on, Qwen2-MoE on even
+    /// layers below it, Qwen3-MoE on every layer.
+    pub fn sliding_window(&self, variant: QwenMoeVariant, i: usize) -> Option<usize> {
+        let window = self
+            .sliding_window
+            .filter(|&w| w > 0 && self.use_sliding_window)?;
+        let sliding = match &self.layer_types {
+            Some(types) => crate::config::is_sliding_layer(types, i),
+            None => match (variant, self.num_experts() > 0) {
+                (_, false) => i >= self.max_window_layers,
+                (QwenMoeVariant::Qwen2, true) => i.is_multiple_of(2) && i < self.max_window_layers,
+                (QwenMoeVariant::Qwen3, true) => true,
+            },
+        };
+        sliding.then_some(window)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -163,7 +176,7 @@ pub fn load(
                 qk_norm,
                 norm_eps: config.rms_norm_eps,
                 clip_qkv: None,
-                sliding_window: config.sliding_window(i),
+                sliding_window: config.sliding_window(variant, i),
                 sinks: false,
             };
             let mlp = format!("{p}.mlp");
@@ -178,14 +191,15 @@ pub fn load(
                         false,
                         device,
                     )?;
-                    let gate = Linear::load(
-                        source,
-                        &format!("{mlp}.shared_expert_gate"),
-                        hidden,
-                        1,
-                        false,
-                        device,
-                    )?;
+                    // `[1, H]`, or `[H]` in GGUF files whose converter squeezed it.
+                    let name = format!("{mlp}.shared_expert_gate.weight");
+                    let weight = source.tensor(&name)?;
+                    let weight = if weight.shape().as_slice() == [hidden] {
+                        TensorData::new(f32_values(weight, &name)?, [1, hidden])
+                    } else {
+                        checked_data(source, &name, &[1, hidden])?
+                    };
+                    let gate = Linear::from_hf_weight(&weight, None, device);
                     (Some(shared), Some(gate))
                 } else {
                     (None, None)
