@@ -8,9 +8,7 @@ use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
 use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
-use crate::moe::{
-    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
-};
+use crate::moe::{ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, SparseMoe};
 use crate::{ModelError, WeightSource};
 
 /// `config.json` of a Mixtral model.
@@ -36,13 +34,7 @@ impl std::ops::Deref for MixtralConfig {
 
 impl MixtralConfig {
     pub fn router_spec(&self) -> RouterSpec {
-        RouterSpec {
-            num_experts: self.num_local_experts,
-            top_k: self.num_experts_per_tok,
-            method: RoutingMethod::SoftmaxTopK { normalize: true },
-            scale: 1.0,
-            bias: false,
-        }
+        RouterSpec::softmax_top_k(self.num_local_experts, self.num_experts_per_tok, true)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

@@ -74,6 +74,18 @@ pub struct RouterSpec {
 }
 
 impl RouterSpec {
+    /// softmax → top-k (renormalized if `normalize`), no bias, no scaling: the router of
+    /// Mixtral, the Qwen MoE models and OLMoE.
+    pub fn softmax_top_k(num_experts: usize, top_k: usize, normalize: bool) -> Self {
+        Self {
+            num_experts,
+            top_k,
+            method: RoutingMethod::SoftmaxTopK { normalize },
+            scale: 1.0,
+            bias: false,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         let fail = |msg: String| Err(ModelError::Config(msg));
         if self.num_experts == 0 || self.top_k == 0 {

@@ -8,9 +8,7 @@ use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
 use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
-use crate::moe::{
-    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
-};
+use crate::moe::{ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, SparseMoe};
 use crate::{ModelError, WeightSource};
 
 /// `config.json` of an OLMoE model.
@@ -40,15 +38,11 @@ impl std::ops::Deref for OlmoeConfig {
 
 impl OlmoeConfig {
     pub fn router_spec(&self) -> RouterSpec {
-        RouterSpec {
-            num_experts: self.num_experts,
-            top_k: self.num_experts_per_tok,
-            method: RoutingMethod::SoftmaxTopK {
-                normalize: self.norm_topk_prob,
-            },
-            scale: 1.0,
-            bias: false,
-        }
+        RouterSpec::softmax_top_k(
+            self.num_experts,
+            self.num_experts_per_tok,
+            self.norm_topk_prob,
+        )
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

@@ -11,9 +11,7 @@ use crate::attention::{AttentionSpec, QkNorm};
 use crate::config::BaseConfig;
 use crate::decoder::{Decoder, FeedForward};
 use crate::llama::rotary;
-use crate::moe::{
-    ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
-};
+use crate::moe::{ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, SparseMoe};
 use crate::nn::{GatedMlp, Linear, checked_data, f32_values};
 use crate::{ModelError, WeightSource};
 
@@ -88,15 +86,11 @@ impl QwenMoeConfig {
     }
 
     pub fn router_spec(&self) -> RouterSpec {
-        RouterSpec {
-            num_experts: self.num_experts(),
-            top_k: self.num_experts_per_tok,
-            method: RoutingMethod::SoftmaxTopK {
-                normalize: self.norm_topk_prob,
-            },
-            scale: 1.0,
-            bias: false,
-        }
+        RouterSpec::softmax_top_k(
+            self.num_experts(),
+            self.num_experts_per_tok,
+            self.norm_topk_prob,
+        )
     }
 
     /// Whether layer `i` is sparse (transformers' rule).

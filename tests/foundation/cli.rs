@@ -18,6 +18,25 @@ fn moera(args: &[&str]) -> std::process::Output {
     output
 }
 
+/// `moera logits` of the comma-separated `prompt` on the model at `dir`: shape and values.
+fn cli_logits(dir: &std::path::Path, prompt: &str) -> (Vec<usize>, Vec<f32>) {
+    let out_dir = scratch();
+    let out = out_dir.path().join("logits.safetensors");
+    moera(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        prompt,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (shape, values) = crate::common::reference(&out)
+        .remove("logits")
+        .expect("logits");
+    (shape, values.iter().map(|&v| v as f32).collect())
+}
+
 fn csv(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -48,21 +67,8 @@ fn logits_file_matches_transformers() {
     let dir = fixtures().join("tiny-llama");
     let reference = reference(&dir.join("reference.safetensors"));
     let prompt = csv(&ids(&reference["prompt_ids"].1));
-    let out_dir = scratch();
-    let out = out_dir.path().join("logits.safetensors");
-    moera(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        &prompt,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let written = crate::common::reference(&out);
-    let (shape, values) = &written["logits"];
-    assert_eq!(shape, &reference["logits"].0);
-    let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    let (shape, values) = cli_logits(&dir, &prompt);
+    assert_eq!(shape, reference["logits"].0);
     assert!(max_abs_diff(&values, &reference["logits"].1) < 1e-4);
 }
 
@@ -293,19 +299,7 @@ fn every_moe_architecture_through_the_cli() {
         let dir = fixtures().join(name);
         let reference = reference(&dir.join("reference.safetensors"));
         let prompt = csv(&ids(&reference["prompt_ids"].1));
-        let out_dir = scratch();
-        let out = out_dir.path().join("logits.safetensors");
-        moera(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &prompt,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        let written = crate::common::reference(&out);
-        let values: Vec<f32> = written["logits"].1.iter().map(|&v| v as f32).collect();
+        let (_, values) = cli_logits(&dir, &prompt);
         let diff = max_abs_diff(&values, &reference["logits"].1);
         assert!(diff < 1e-4, "{name}: logits differ by {diff}");
 
