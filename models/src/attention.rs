@@ -4,10 +4,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::nn::{Linear, RmsNorm};
-use crate::rope::RotaryEmbedding;
+use crate::rope::RopeTables;
 use crate::{KvCache, ModelError, WeightSource};
 
 /// Where q/k RMSNorm applies.
@@ -137,7 +137,7 @@ impl Attention {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RotaryEmbedding,
+        rope: &RopeTables,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
@@ -172,8 +172,8 @@ impl Attention {
             q = q_norm.forward(q);
             k = k_norm.forward(k);
         }
-        let q = rope.apply(q, start);
-        let k = rope.apply(k, start);
+        let q = rope.apply(q);
+        let k = rope.apply(k);
         let v = split(v, kv_heads);
         let (keys, values) = cache.append(layer, k, v);
         let mask = Mask {
@@ -200,14 +200,23 @@ pub struct Mask {
 }
 
 impl Mask {
-    fn allows(&self, query: usize, key: usize) -> bool {
-        let position = self.start + query;
-        key <= position && self.sliding_window.is_none_or(|w| key + w > position)
+    /// Whether every query sees every one of `total` cached keys: a single query (the
+    /// newest position) and no window shorter than the cache.
+    fn is_full(&self, seq: usize, total: usize) -> bool {
+        seq == 1 && self.sliding_window.is_none_or(|w| w >= total)
     }
 
-    /// Whether every query sees every cached key (one query, no window in effect).
-    fn is_full(&self, seq: usize, total: usize) -> bool {
-        (0..seq).all(|q| (0..total).all(|k| self.allows(q, k)))
+    /// Additive mask `[seq, total]`, built on the device: `-inf` where a key lies after its
+    /// query or, with a window, `window` or more positions before it.
+    fn bias(&self, seq: usize, total: usize, device: &Device) -> Tensor<2> {
+        let start = self.start as i64;
+        let queries = Tensor::<1, Int>::arange(start..start + seq as i64, device).reshape([seq, 1]);
+        let keys = Tensor::<1, Int>::arange(0..total as i64, device).reshape([1, total]);
+        let mut hidden = keys.clone().greater(queries.clone());
+        if let Some(window) = self.sliding_window {
+            hidden = hidden.bool_or(keys.lower_equal(queries.sub_scalar(window as i64)));
+        }
+        Tensor::zeros([seq, total], device).mask_fill(hidden, f32::NEG_INFINITY)
     }
 }
 
@@ -230,7 +239,16 @@ pub fn attend(
     let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
     let mut scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(scale);
     if !mask.is_full(seq, total) {
-        scores = scores + mask_bias(mask, group, seq, total, &values.device());
+        // Rows are (group, seq): one [seq, total] mask broadcast over the group.
+        let bias = mask
+            .bias(seq, total, &values.device())
+            .reshape([1, 1, 1, seq, total]);
+        scores = (scores.reshape([batch, kv_heads, group, seq, total]) + bias).reshape([
+            batch,
+            kv_heads,
+            group * seq,
+            total,
+        ]);
     }
     let probs = match sinks {
         Some(sinks) => {
@@ -243,21 +261,4 @@ pub fn attend(
         None => softmax(scores, 3),
     };
     probs.matmul(values).reshape([batch, heads, seq, value_dim])
-}
-
-/// Additive mask `[1, 1, group·seq, total]`: `-inf` where `mask` hides a key from a query.
-fn mask_bias(mask: Mask, group: usize, seq: usize, total: usize, device: &Device) -> Tensor<4> {
-    let mut bias = Vec::with_capacity(group * seq * total);
-    for _ in 0..group {
-        for query in 0..seq {
-            bias.extend((0..total).map(|key| {
-                if mask.allows(query, key) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
-        }
-    }
-    Tensor::from_data(TensorData::new(bias, [1, 1, group * seq, total]), device)
 }

@@ -12,7 +12,7 @@ use crate::config::BaseConfig;
 use crate::deepseek::LatentAttention;
 use crate::moe::{Routing, SparseMoe};
 use crate::nn::{Embedding, GatedMlp, Linear, RmsNorm, checked_data};
-use crate::rope::RotaryEmbedding;
+use crate::rope::{RopeTables, RotaryEmbedding};
 use crate::{CausalLm, KvCache, LogitsMode, ModelError, WeightSource};
 
 /// The attention of a layer.
@@ -29,7 +29,7 @@ impl Mixer {
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RotaryEmbedding,
+        rope: &RopeTables,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
@@ -260,7 +260,7 @@ impl CausalLm for Decoder {
     }
 
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
-        let capacity = capacity.min(self.rope.max_positions());
+        let capacity = capacity.min(self.info.max_context);
         // Every layer of one model caches the same shape.
         let (heads, dims) = self.layers[0].self_attn.cache_layout();
         KvCache::new(
@@ -291,14 +291,13 @@ impl CausalLm for Decoder {
                 capacity: cache.capacity(),
             });
         }
+        let rope = self.rope.tables(cache.len(), seq, &self.device());
         let mut x = self.embed_tokens.forward(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                &self.rope,
-                cache,
-                i,
-            );
+            let attn =
+                layer
+                    .self_attn
+                    .forward(layer.input_layernorm.forward(x.clone()), &rope, cache, i);
             x = x + attn;
             let h = layer.post_attention_layernorm.forward(x.clone());
             let ff = match &layer.mlp {

@@ -20,7 +20,7 @@ use crate::moe::{
     ExpertActivation, ExpertLayout, ExpertSpec, RouterSpec, RoutingMethod, SparseMoe,
 };
 use crate::nn::{GatedMlp, Linear, RmsNorm, checked_data, deinterleave_rows, f32_values};
-use crate::rope::{RotaryEmbedding, yarn_mscale};
+use crate::rope::{RopeTables, RotaryEmbedding, yarn_mscale};
 use crate::{KvCache, ModelError, WeightSource};
 
 /// Which generation a config describes.
@@ -341,7 +341,7 @@ impl LatentAttention {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RotaryEmbedding,
+        rope: &RopeTables,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
@@ -369,7 +369,7 @@ impl LatentAttention {
             .reshape([batch, seq, heads, nope + rope_dim])
             .swap_dims(1, 2);
         let q_nope = q.clone().narrow(3, 0, nope);
-        let q_rot = rope.apply(q.narrow(3, nope, rope_dim), start);
+        let q_rot = rope.apply(q.narrow(3, nope, rope_dim));
 
         let compressed = self.kv_a_proj_with_mqa.forward(x);
         let latent = self
@@ -380,7 +380,6 @@ impl LatentAttention {
             compressed
                 .narrow(2, kv_lora_rank, rope_dim)
                 .reshape([batch, 1, seq, rope_dim]),
-            start,
         );
         let (latents, k_rots) = cache.append(layer, latent, k_rot);
         let total = latents.dims()[2];
@@ -420,10 +419,8 @@ pub fn load(
     let hidden = config.hidden_size;
     let rope = RotaryEmbedding::new(
         config.qk_rope_head_dim,
-        config.max_position_embeddings,
         config.rope_theta(),
         &config.rope_scaling()?,
-        device,
     );
     let name = match version {
         DeepseekVersion::V2 => "deepseek_v2",

@@ -86,6 +86,13 @@ impl GptOssConfig {
 
     pub fn validate(&self) -> Result<(), ModelError> {
         self.base.validate(self.head_dim())?;
+        if self.swiglu_limit.is_nan() || self.swiglu_limit <= 0.0 || !self.swiglu_alpha.is_finite()
+        {
+            return Err(ModelError::Config(format!(
+                "swiglu_limit ({}) must be > 0 and swiglu_alpha ({}) finite",
+                self.swiglu_limit, self.swiglu_alpha
+            )));
+        }
         self.router_spec().validate()
     }
 }
@@ -107,7 +114,7 @@ pub fn load(
     Decoder::load(
         "gpt_oss",
         config,
-        rotary(config, device)?,
+        rotary(config)?,
         source,
         device,
         progress,

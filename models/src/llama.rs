@@ -56,13 +56,11 @@ impl LlamaConfig {
 }
 
 /// The rotary tables of a standard-attention model.
-pub fn rotary(base: &BaseConfig, device: &Device) -> Result<RotaryEmbedding, ModelError> {
+pub fn rotary(base: &BaseConfig) -> Result<RotaryEmbedding, ModelError> {
     Ok(RotaryEmbedding::new(
         base.head_dim(),
-        base.max_position_embeddings,
         base.rope_theta(),
         &base.rope_scaling()?,
-        device,
     ))
 }
 
@@ -82,7 +80,7 @@ impl Llama {
         Decoder::load(
             "llama",
             config,
-            rotary(config, device)?,
+            rotary(config)?,
             source,
             device,
             progress,

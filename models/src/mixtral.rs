@@ -68,7 +68,7 @@ pub fn load(
     Decoder::load(
         "mixtral",
         config,
-        rotary(config, device)?,
+        rotary(config)?,
         source,
         device,
         progress,

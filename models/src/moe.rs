@@ -601,6 +601,9 @@ impl Experts {
         let order: Vec<i64> = slots.iter().map(|&(_, t, _)| t as i64).collect();
         let weights: Vec<f32> = slots.iter().map(|&(_, _, w)| w).collect();
         let count = order.len();
+        if count == 0 {
+            return Tensor::zeros([tokens, hidden], &device);
+        }
         let order = Tensor::<1, Int>::from_data(TensorData::new(order, [count]), &device);
         let rows = x.select(0, order.clone());
         let mut outputs = Vec::new();

@@ -76,7 +76,7 @@ pub fn load(
     Decoder::load(
         "olmoe",
         config,
-        rotary(config, device)?,
+        rotary(config)?,
         source,
         device,
         progress,

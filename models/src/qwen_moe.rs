@@ -155,7 +155,7 @@ pub fn load(
     Decoder::load(
         name,
         config,
-        rotary(config, device)?,
+        rotary(config)?,
         source,
         device,
         progress,

@@ -205,52 +205,61 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
     }
 }
 
-/// Precomputed cos/sin tables `[max_positions, head_dim]` (each frequency repeated twice).
+/// Rotary frequencies of a model; [`RotaryEmbedding::tables`] turns them into the cos/sin
+/// rows of the positions one forward pass needs (so no table grows with the context length).
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+    attention_factor: f32,
+    head_dim: usize,
+}
+
+/// cos/sin `[seq, head_dim]` (each frequency repeated twice) for consecutive positions,
+/// computed once per forward pass and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
     cos: Tensor<2>,
     sin: Tensor<2>,
     head_dim: usize,
 }
 
 impl RotaryEmbedding {
-    pub fn new(
-        head_dim: usize,
-        max_positions: usize,
-        theta: f64,
-        scaling: &RopeScaling,
-        device: &Device,
-    ) -> Self {
-        let inv_freq = inverse_frequencies(head_dim, theta, scaling);
-        let attention_factor = scaling.attention_factor() as f32;
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for pos in 0..max_positions {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().take(half).map(|a| a.cos() * attention_factor));
-                sin.extend(angles.iter().take(half).map(|a| a.sin() * attention_factor));
-            }
-        }
-        let shape = [max_positions, head_dim];
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            inv_freq: inverse_frequencies(head_dim, theta, scaling),
+            attention_factor: scaling.attention_factor() as f32,
             head_dim,
         }
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+    /// The tables of positions `start..start + seq`, as transformers computes them
+    /// (`position · inv_freq` in f32, then cos/sin times the attention factor).
+    pub fn tables(&self, start: usize, seq: usize, device: &Device) -> RopeTables {
+        let shape = [seq, self.head_dim];
+        let mut cos = Vec::with_capacity(seq * self.head_dim);
+        let mut sin = Vec::with_capacity(seq * self.head_dim);
+        for pos in start..start + seq {
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos() * self.attention_factor);
+                    sin.push(angle.sin() * self.attention_factor);
+                }
+            }
+        }
+        RopeTables {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            head_dim: self.head_dim,
+        }
     }
+}
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]` whose first token sits at `start`.
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let seq = x.dims()[2];
-        let rows = [start..start + seq, 0..self.head_dim];
-        let cos = self.cos.clone().slice(rows.clone()).unsqueeze::<4>();
-        let sin = self.sin.clone().slice(rows).unsqueeze::<4>();
+impl RopeTables {
+    /// Rotates `x` `[batch, heads, seq, head_dim]` in the rotate-half layout.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let cos = self.cos.clone().unsqueeze::<4>();
+        let sin = self.sin.clone().unsqueeze::<4>();
         let half = self.head_dim / 2;
         let first = x.clone().narrow(3, 0, half);
         let second = x.clone().narrow(3, half, half);
