@@ -128,7 +128,6 @@ impl RouterTrace {
 /// Settings of a decoder besides its weights.
 #[derive(Debug, Clone)]
 pub struct DecoderInfo {
-    pub architecture: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub max_context: usize,
@@ -151,7 +150,6 @@ impl Decoder {
     /// Loads the embedding, final norm and head named as transformers does, and one layer
     /// per `load_layer(index, "model.layers.{index}")` call; `progress` follows the layers.
     pub fn load(
-        architecture: &str,
         base: &BaseConfig,
         rope: RotaryEmbedding,
         source: &dyn WeightSource,
@@ -193,7 +191,6 @@ impl Decoder {
             lm_head,
             rope,
             info: DecoderInfo {
-                architecture: architecture.to_string(),
                 vocab_size: base.vocab_size,
                 hidden_size: hidden,
                 max_context: base.max_position_embeddings,

@@ -422,11 +422,7 @@ pub fn load(
         config.rope_theta(),
         &config.rope_scaling()?,
     );
-    let name = match version {
-        DeepseekVersion::V2 => "deepseek_v2",
-        DeepseekVersion::V3 => "deepseek_v3",
-    };
-    Decoder::load(name, config, rope, source, device, progress, |i, p| {
+    Decoder::load(config, rope, source, device, progress, |i, p| {
         let (input_layernorm, post_attention_layernorm) =
             Decoder::layer_norms(source, p, config, device)?;
         let self_attn = Mixer::Latent(LatentAttention::load(

@@ -111,45 +111,37 @@ pub fn load(
     let config = &config;
     config.validate()?;
     let hidden = config.hidden_size;
-    Decoder::load(
-        "gpt_oss",
-        config,
-        rotary(config)?,
-        source,
-        device,
-        progress,
-        |i, p| {
-            let spec = AttentionSpec {
+    Decoder::load(config, rotary(config)?, source, device, progress, |i, p| {
+        let spec = AttentionSpec {
+            hidden,
+            heads: config.num_attention_heads,
+            kv_heads: config.kv_heads(),
+            head_dim: config.head_dim(),
+            qkv_bias: config.attention_bias,
+            o_bias: config.attention_bias,
+            qk_norm: QkNorm::None,
+            norm_eps: config.rms_norm_eps,
+            clip_qkv: None,
+            sliding_window: config.sliding_window(i),
+            sinks: true,
+        };
+        let activation = ExpertActivation::ClampedSwiGlu {
+            alpha: config.swiglu_alpha,
+            limit: config.swiglu_limit,
+        };
+        let moe = SparseMoe::load(
+            source,
+            &format!("{p}.mlp"),
+            "router",
+            config.router_spec(),
+            ExpertSpec {
+                layout: ExpertLayout::InterleavedWithBias,
                 hidden,
-                heads: config.num_attention_heads,
-                kv_heads: config.kv_heads(),
-                head_dim: config.head_dim(),
-                qkv_bias: config.attention_bias,
-                o_bias: config.attention_bias,
-                qk_norm: QkNorm::None,
-                norm_eps: config.rms_norm_eps,
-                clip_qkv: None,
-                sliding_window: config.sliding_window(i),
-                sinks: true,
-            };
-            let activation = ExpertActivation::ClampedSwiGlu {
-                alpha: config.swiglu_alpha,
-                limit: config.swiglu_limit,
-            };
-            let moe = SparseMoe::load(
-                source,
-                &format!("{p}.mlp"),
-                "router",
-                config.router_spec(),
-                ExpertSpec {
-                    layout: ExpertLayout::InterleavedWithBias,
-                    hidden,
-                    intermediate: config.intermediate_size,
-                    activation,
-                },
-                device,
-            )?;
-            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
-        },
-    )
+                intermediate: config.intermediate_size,
+                activation,
+            },
+            device,
+        )?;
+        Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
+    })
 }

@@ -77,24 +77,16 @@ impl Llama {
     ) -> Result<Decoder, ModelError> {
         config.validate()?;
         let spec = config.attention_spec();
-        Decoder::load(
-            "llama",
-            config,
-            rotary(config)?,
-            source,
-            device,
-            progress,
-            |_, p| {
-                let mlp = GatedMlp::load(
-                    source,
-                    &format!("{p}.mlp"),
-                    config.hidden_size,
-                    config.intermediate_size,
-                    config.mlp_bias,
-                    device,
-                )?;
-                Decoder::standard_layer(source, p, config, &spec, FeedForward::Dense(mlp), device)
-            },
-        )
+        Decoder::load(config, rotary(config)?, source, device, progress, |_, p| {
+            let mlp = GatedMlp::load(
+                source,
+                &format!("{p}.mlp"),
+                config.hidden_size,
+                config.intermediate_size,
+                config.mlp_bias,
+                device,
+            )?;
+            Decoder::standard_layer(source, p, config, &spec, FeedForward::Dense(mlp), device)
+        })
     }
 }

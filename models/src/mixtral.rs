@@ -65,34 +65,26 @@ pub fn load(
         sliding_window: config.sliding_window.filter(|&w| w > 0),
         sinks: false,
     };
-    Decoder::load(
-        "mixtral",
-        config,
-        rotary(config)?,
-        source,
-        device,
-        progress,
-        |_, p| {
-            // The original checkpoints name the block `block_sparse_moe`; transformers 5 `mlp`.
-            let moe = if source.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
-                format!("{p}.block_sparse_moe")
-            } else {
-                format!("{p}.mlp")
-            };
-            let moe = SparseMoe::load(
-                source,
-                &moe,
-                "gate",
-                config.router_spec(),
-                ExpertSpec {
-                    layout: ExpertLayout::MIXTRAL,
-                    hidden: config.hidden_size,
-                    intermediate: config.intermediate_size,
-                    activation: ExpertActivation::SwiGlu,
-                },
-                device,
-            )?;
-            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
-        },
-    )
+    Decoder::load(config, rotary(config)?, source, device, progress, |_, p| {
+        // The original checkpoints name the block `block_sparse_moe`; transformers 5 `mlp`.
+        let moe = if source.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+            format!("{p}.block_sparse_moe")
+        } else {
+            format!("{p}.mlp")
+        };
+        let moe = SparseMoe::load(
+            source,
+            &moe,
+            "gate",
+            config.router_spec(),
+            ExpertSpec {
+                layout: ExpertLayout::MIXTRAL,
+                hidden: config.hidden_size,
+                intermediate: config.intermediate_size,
+                activation: ExpertActivation::SwiGlu,
+            },
+            device,
+        )?;
+        Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
+    })
 }

@@ -73,28 +73,20 @@ pub fn load(
         sliding_window: None,
         sinks: false,
     };
-    Decoder::load(
-        "olmoe",
-        config,
-        rotary(config)?,
-        source,
-        device,
-        progress,
-        |_, p| {
-            let moe = SparseMoe::load(
-                source,
-                &format!("{p}.mlp"),
-                "gate",
-                config.router_spec(),
-                ExpertSpec {
-                    layout: ExpertLayout::HF,
-                    hidden,
-                    intermediate: config.intermediate_size,
-                    activation: ExpertActivation::SwiGlu,
-                },
-                device,
-            )?;
-            Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
-        },
-    )
+    Decoder::load(config, rotary(config)?, source, device, progress, |_, p| {
+        let moe = SparseMoe::load(
+            source,
+            &format!("{p}.mlp"),
+            "gate",
+            config.router_spec(),
+            ExpertSpec {
+                layout: ExpertLayout::HF,
+                hidden,
+                intermediate: config.intermediate_size,
+                activation: ExpertActivation::SwiGlu,
+            },
+            device,
+        )?;
+        Decoder::standard_layer(source, p, config, &spec, FeedForward::Sparse(moe), device)
+    })
 }

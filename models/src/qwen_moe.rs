@@ -138,95 +138,81 @@ pub fn load(
 ) -> Result<Decoder, ModelError> {
     config.validate()?;
     let hidden = config.hidden_size;
-    let (qkv_bias, o_bias, qk_norm, name) = match variant {
-        QwenMoeVariant::Qwen2 => (
-            config.qkv_bias.unwrap_or(true),
-            false,
-            QkNorm::None,
-            "qwen2_moe",
-        ),
+    let (qkv_bias, o_bias, qk_norm) = match variant {
+        QwenMoeVariant::Qwen2 => (config.qkv_bias.unwrap_or(true), false, QkNorm::None),
         QwenMoeVariant::Qwen3 => (
             config.attention_bias,
             config.attention_bias,
             QkNorm::PerHead,
-            "qwen3_moe",
         ),
     };
-    Decoder::load(
-        name,
-        config,
-        rotary(config)?,
-        source,
-        device,
-        progress,
-        |i, p| {
-            let spec = AttentionSpec {
-                hidden,
-                heads: config.num_attention_heads,
-                kv_heads: config.kv_heads(),
-                head_dim: config.head_dim(),
-                qkv_bias,
-                o_bias,
-                qk_norm,
-                norm_eps: config.rms_norm_eps,
-                clip_qkv: None,
-                sliding_window: config.sliding_window(variant, i),
-                sinks: false,
-            };
-            let mlp = format!("{p}.mlp");
-            let mlp = if config.is_sparse(i) {
-                let shared_width = config.shared_expert_intermediate_size;
-                let (shared, shared_gate) = if shared_width > 0 {
-                    let shared = GatedMlp::load(
-                        source,
-                        &format!("{mlp}.shared_expert"),
-                        hidden,
-                        shared_width,
-                        false,
-                        device,
-                    )?;
-                    // `[1, H]`, or `[H]` in GGUF files whose converter squeezed it.
-                    let name = format!("{mlp}.shared_expert_gate.weight");
-                    let weight = source.tensor(&name)?;
-                    let weight = if weight.shape().as_slice() == [hidden] {
-                        TensorData::new(f32_values(weight, &name)?, [1, hidden])
-                    } else {
-                        checked_data(source, &name, &[1, hidden])?
-                    };
-                    let gate = Linear::from_hf_weight(&weight, None, device);
-                    (Some(shared), Some(gate))
-                } else {
-                    (None, None)
-                };
-                let moe = SparseMoe::load(
+    Decoder::load(config, rotary(config)?, source, device, progress, |i, p| {
+        let spec = AttentionSpec {
+            hidden,
+            heads: config.num_attention_heads,
+            kv_heads: config.kv_heads(),
+            head_dim: config.head_dim(),
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            norm_eps: config.rms_norm_eps,
+            clip_qkv: None,
+            sliding_window: config.sliding_window(variant, i),
+            sinks: false,
+        };
+        let mlp = format!("{p}.mlp");
+        let mlp = if config.is_sparse(i) {
+            let shared_width = config.shared_expert_intermediate_size;
+            let (shared, shared_gate) = if shared_width > 0 {
+                let shared = GatedMlp::load(
                     source,
-                    &mlp,
-                    "gate",
-                    config.router_spec(),
-                    ExpertSpec {
-                        layout: ExpertLayout::HF,
-                        hidden,
-                        intermediate: config.moe_intermediate_size,
-                        activation: ExpertActivation::SwiGlu,
-                    },
-                    device,
-                )?;
-                FeedForward::Sparse(SparseMoe {
-                    shared,
-                    shared_gate,
-                    ..moe
-                })
-            } else {
-                FeedForward::Dense(GatedMlp::load(
-                    source,
-                    &mlp,
+                    &format!("{mlp}.shared_expert"),
                     hidden,
-                    config.intermediate_size,
+                    shared_width,
                     false,
                     device,
-                )?)
+                )?;
+                // `[1, H]`, or `[H]` in GGUF files whose converter squeezed it.
+                let name = format!("{mlp}.shared_expert_gate.weight");
+                let weight = source.tensor(&name)?;
+                let weight = if weight.shape().as_slice() == [hidden] {
+                    TensorData::new(f32_values(weight, &name)?, [1, hidden])
+                } else {
+                    checked_data(source, &name, &[1, hidden])?
+                };
+                let gate = Linear::from_hf_weight(&weight, None, device);
+                (Some(shared), Some(gate))
+            } else {
+                (None, None)
             };
-            Decoder::standard_layer(source, p, config, &spec, mlp, device)
-        },
-    )
+            let moe = SparseMoe::load(
+                source,
+                &mlp,
+                "gate",
+                config.router_spec(),
+                ExpertSpec {
+                    layout: ExpertLayout::HF,
+                    hidden,
+                    intermediate: config.moe_intermediate_size,
+                    activation: ExpertActivation::SwiGlu,
+                },
+                device,
+            )?;
+            FeedForward::Sparse(SparseMoe {
+                shared,
+                shared_gate,
+                ..moe
+            })
+        } else {
+            FeedForward::Dense(GatedMlp::load(
+                source,
+                &mlp,
+                hidden,
+                config.intermediate_size,
+                false,
+                device,
+            )?)
+        };
+        Decoder::standard_layer(source, p, config, &spec, mlp, device)
+    })
 }
