@@ -5,6 +5,7 @@
 
 pub use moera_engine as engine;
 pub use moera_index as index;
+pub use moera_kernels as kernels;
 
 pub mod process;
 pub use moera_models as models;

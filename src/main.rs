@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use moera::engine::hub::resolve_model;
 use moera::engine::{
-    ChatMessage, DeviceKind, GenerationRequest, Model, Prompt, SamplingParams, TokenEvent,
+    ChatMessage, DeviceKind, GenerationRequest, LoadOptions, Model, Prompt, SamplingParams,
+    TokenEvent,
 };
 
 #[derive(Parser)]
@@ -47,6 +48,10 @@ struct ModelArgs {
     /// Backend: flex (CPU), wgpu or cuda. Defaults to cuda when built in, else flex.
     #[arg(long)]
     device: Option<String>,
+    /// Linear weights: auto (GGUF blocks as stored; float weights to int4 above 20B
+    /// parameters, int8 above 7B), none (all f32), int8 or int4.
+    #[arg(long, default_value = "auto")]
+    quant: String,
 }
 
 #[derive(Args)]
@@ -177,7 +182,10 @@ fn load(args: &ModelArgs) -> Result<Model> {
             .unwrap_or_default(),
     );
     let started = std::time::Instant::now();
-    let model = Model::load_on(&path, &device, &mut |p| {
+    let options = LoadOptions {
+        quantization: args.quant.parse()?,
+    };
+    let model = Model::load_with(&path, &device, options, &mut |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.done as u64);
     })

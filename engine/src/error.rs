@@ -78,6 +78,8 @@ pub enum Error {
     DeviceUnavailable(String),
     #[error("unknown device `{0}` (expected flex, wgpu or cuda)")]
     UnknownDevice(String),
+    #[error("unknown quantization `{0}` (expected auto, none, int8 or int4)")]
+    UnknownQuantization(String),
     #[error(transparent)]
     Runtime(#[from] ModelError),
 }

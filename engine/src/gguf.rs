@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 use memmap2::Mmap;
-use moera_models::{Metadata, ModelError, WeightSource};
+use moera_kernels::QuantizedMatrix;
+use moera_models::nn::check_shape;
+use moera_models::{LinearWeight, Metadata, ModelError, WeightSource};
 
 use crate::error::{Error, Result};
 use crate::quant::GgmlType;
@@ -407,61 +409,122 @@ pub struct GgufWeights<'a> {
     pub name_map: fn(&str) -> Option<String>,
     /// `(heads, kv_heads)` when Q/K rows carry llama.cpp's RoPE permutation.
     pub unpermute_qk: Option<(usize, usize)>,
+    /// Hand linear weights in Q4_0/Q4_1/Q8_0/Q4_K over as their blocks instead of f32.
+    pub keep_quantized: bool,
 }
 
 impl GgufWeights<'_> {
     fn info(&self, hf_name: &str) -> Option<&TensorInfo> {
         (self.name_map)(hf_name).and_then(|n| self.file.tensor_info(&n))
     }
+
+    fn found(&self, name: &str) -> Result<&TensorInfo, ModelError> {
+        self.info(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// Rotary heads of a Q/K projection whose rows llama.cpp permuted.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        let (heads, kv_heads) = self.unpermute_qk?;
+        if name.ends_with("self_attn.q_proj.weight") {
+            Some(heads)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Some(kv_heads)
+        } else {
+            None
+        }
+    }
+
+    /// The HF row order of a permuted Q/K projection: HF row `i` is GGUF row `order[i]`.
+    fn unpermuted_order(&self, name: &str, rows: usize) -> Result<Option<Vec<usize>>, ModelError> {
+        let Some(heads) = self.permuted_heads(name) else {
+            return Ok(None);
+        };
+        unpermute_order(rows, heads)
+            .map(Some)
+            .map_err(|reason| ModelError::Weights {
+                name: name.to_string(),
+                reason,
+            })
+    }
 }
 
 impl WeightSource for GgufWeights<'_> {
     fn tensor(&self, name: &str) -> Result<TensorData, ModelError> {
-        let info = self
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = self.found(name)?;
         let shape = info.shape();
-        let mut values = info.ggml_type.dequantize(self.file.tensor_bytes(info));
-        if let Some((heads, kv_heads)) = self.unpermute_qk {
-            let heads = if name.ends_with("self_attn.q_proj.weight") {
-                Some(heads)
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                Some(kv_heads)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                values = unpermute_rows(&values, &shape, heads).map_err(|reason| {
-                    ModelError::Weights {
-                        name: name.to_string(),
-                        reason,
-                    }
-                })?;
+        let values = info.ggml_type.dequantize(self.file.tensor_bytes(info));
+        let rows = shape.first().copied().unwrap_or(1);
+        let values = match self.unpermuted_order(name, rows)? {
+            Some(order) => {
+                let cols = values.len() / rows.max(1);
+                order
+                    .into_iter()
+                    .flat_map(|r| &values[r * cols..(r + 1) * cols])
+                    .copied()
+                    .collect()
             }
-        }
+            None => values,
+        };
         Ok(TensorData::new(values, shape))
     }
 
     fn contains(&self, name: &str) -> bool {
         self.info(name).is_some()
     }
+
+    fn linear_weight(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<LinearWeight, ModelError> {
+        let info = self.found(name)?;
+        let format = info
+            .ggml_type
+            .kept_quantized()
+            .filter(|_| self.keep_quantized);
+        let Some(format) = format else {
+            let data = self.tensor(name)?;
+            check_shape(name, &data, &[out_features, in_features])?;
+            return Ok(LinearWeight::Dense(data));
+        };
+        let shape = info.shape();
+        if shape != [out_features, in_features] {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![out_features, in_features],
+                found: shape,
+            });
+        }
+        let bytes = self.file.tensor_bytes(info);
+        let matrix =
+            QuantizedMatrix::from_ggml(format, bytes, out_features, in_features).map_err(|e| {
+                ModelError::Weights {
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(LinearWeight::Quantized(
+            match self.unpermuted_order(name, out_features)? {
+                Some(order) => matrix.permute_rows(&order),
+                None => matrix,
+            },
+        ))
+    }
 }
 
-/// Undoes the row permutation llama.cpp's converter applies to Q/K projections for its
-/// interleaved RoPE: GGUF row `h·d + 2i + j` holds HF row `h·d + j·d/2 + i`.
-pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Result<Vec<f32>, String> {
-    let (rows, cols) = match shape {
-        [rows, cols] => (*rows, *cols),
-        [rows] => (*rows, 1),
-        _ => return Err(format!("cannot unpermute a tensor of shape {shape:?}")),
-    };
-    if heads == 0 || rows % (2 * heads) != 0 {
+/// The row order undoing the permutation llama.cpp's converter applies to Q/K projections
+/// for its interleaved RoPE: GGUF row `h·d + 2i + j` holds HF row `h·d + j·d/2 + i`, so HF
+/// row `r` is GGUF row `order[r]`.
+pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>, String> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(format!(
             "{rows} rows do not split into {heads} rotary heads"
         ));
     }
     let head_dim = rows / heads;
-    Ok(moera_models::nn::deinterleave_rows(
-        values, cols, head_dim, 0, head_dim,
+    Ok(moera_models::nn::deinterleave_order(
+        rows, head_dim, 0, head_dim,
     ))
 }

@@ -14,6 +14,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWeights, Value};
+use crate::quantization::{Quantization, Quantizing, WeightMemory};
 use crate::safetensors_source::SafetensorsWeights;
 use crate::sampler::SamplingParams;
 
@@ -22,6 +23,13 @@ use crate::sampler::SamplingParams;
 pub struct LoadProgress {
     pub done: usize,
     pub total: usize,
+}
+
+/// Options of [`Model::load_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Precision of the linear weights.
+    pub quantization: Quantization,
 }
 
 /// A language model ready to score and generate.
@@ -34,6 +42,7 @@ pub struct Model {
     pub default_sampling: SamplingParams,
     architecture: String,
     path: PathBuf,
+    weight_memory: WeightMemory,
 }
 
 impl std::fmt::Debug for Model {
@@ -58,15 +67,32 @@ impl Model {
         device: &Device,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        Self::load_with(path, device, LoadOptions::default(), progress)
+    }
+
+    /// Loads a model folder or `.gguf` file onto `device` with `options`.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        options: LoadOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let path = path.as_ref();
         let mut layer_progress = |done, total| progress(LoadProgress { done, total });
-        if path.is_dir() {
-            load_folder(path, device, &mut layer_progress)
+        let model = if path.is_dir() {
+            load_folder(path, device, options, &mut layer_progress)
         } else if path.is_file() {
-            load_gguf(path, device, &mut layer_progress)
+            load_gguf(path, device, options, &mut layer_progress)
         } else {
             Err(Error::NotAModel(path.to_path_buf()))
-        }
+        }?;
+        tracing::info!("{}", model.weight_memory);
+        Ok(model)
+    }
+
+    /// Memory of the linear weights before and after quantization.
+    pub fn weight_memory(&self) -> WeightMemory {
+        self.weight_memory
     }
 
     pub fn architecture(&self) -> &str {
@@ -305,6 +331,7 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
 fn load_folder(
     dir: &Path,
     device: &Device,
+    options: LoadOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Model> {
     let config_path = dir.join("config.json");
@@ -312,8 +339,12 @@ fn load_folder(
     let architecture = Architecture::from_hf_config(&config_json)
         .map_err(|e| architecture_error(&config_path, e))?;
     let weights = SafetensorsWeights::open_folder(dir)?;
+    let format = options
+        .quantization
+        .in_situ_format(weights.parameter_count());
+    let source = Quantizing::new(&weights, format);
     let model = architecture
-        .load(&config_json, &weights, device, progress)
+        .load(&config_json, &source, device, progress)
         .map_err(|e| match e {
             ModelError::ConfigJson(reason) => Error::Config {
                 path: config_path.clone(),
@@ -380,6 +411,7 @@ fn load_folder(
         default_sampling,
         architecture,
         path: dir.to_path_buf(),
+        weight_memory: source.memory.get(),
     })
 }
 
@@ -400,6 +432,7 @@ fn sampling_from_generation_config(g: &Json) -> SamplingParams {
 fn load_gguf(
     path: &Path,
     device: &Device,
+    options: LoadOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Model> {
     let file = GgufFile::open(path)?;
@@ -426,9 +459,16 @@ fn load_gguf(
         file: &file,
         name_map: gguf_name,
         unpermute_qk,
+        keep_quantized: options.quantization.keeps_gguf_blocks(),
     };
+    // GGUF files are quantized by their authors; an explicit int8/int4 re-quantizes them.
+    let format = match options.quantization {
+        Quantization::Auto => None,
+        other => other.in_situ_format(0),
+    };
+    let source = Quantizing::new(&weights, format);
     let model = kind
-        .load(&config, &weights, device, progress)
+        .load(&config, &source, device, progress)
         .map_err(model_error(path))?;
     let architecture = kind.model_type().to_string();
 
@@ -476,5 +516,6 @@ fn load_gguf(
         default_sampling: SamplingParams::default(),
         architecture,
         path: path.to_path_buf(),
+        weight_memory: source.memory.get(),
     })
 }

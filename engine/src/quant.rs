@@ -35,6 +35,18 @@ impl GgmlType {
         })
     }
 
+    /// The kernels' format for blocks they consume as stored, or `None` (dequantized).
+    pub fn kept_quantized(self) -> Option<moera_kernels::QuantFormat> {
+        use moera_kernels::QuantFormat;
+        match self {
+            Self::Q4_0 => Some(QuantFormat::Q4_0),
+            Self::Q4_1 => Some(QuantFormat::Q4_1),
+            Self::Q8_0 => Some(QuantFormat::Q8_0),
+            Self::Q4K => Some(QuantFormat::Q4K),
+            _ => None,
+        }
+    }
+
     /// Elements per block and bytes per block.
     pub fn block(self) -> (usize, usize) {
         match self {

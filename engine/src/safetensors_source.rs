@@ -92,6 +92,20 @@ impl SafetensorsWeights {
         self.index.keys().map(String::as_str)
     }
 
+    /// Parameters in every tensor of the folder (from the headers; nothing is read).
+    pub fn parameter_count(&self) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.view().ok())
+            .flat_map(|view| {
+                view.tensors()
+                    .into_iter()
+                    .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// Path of the file holding `name`, for error messages.
     pub fn path_of(&self, name: &str) -> Option<&Path> {
         self.index.get(name).map(|&i| self.shards[i].path.as_path())

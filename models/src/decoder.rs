@@ -13,7 +13,7 @@ use crate::deepseek::LatentAttention;
 use crate::moe::{Routing, SparseMoe};
 use crate::nn::{Embedding, GatedMlp, Linear, RmsNorm, checked_data};
 use crate::rope::{RopeTables, RotaryEmbedding};
-use crate::{CausalLm, KvCache, LogitsMode, ModelError, WeightSource};
+use crate::{CausalLm, KvCache, LinearWeight, LogitsMode, ModelError, WeightSource};
 
 /// The attention of a layer.
 // One per layer and built once: the variants' size difference costs nothing worth a box.
@@ -158,15 +158,28 @@ impl Decoder {
         mut load_layer: impl FnMut(usize, &str) -> Result<DecoderLayer, ModelError>,
     ) -> Result<Self, ModelError> {
         let hidden = base.hidden_size;
-        let embed = checked_data(
-            source,
-            "model.embed_tokens.weight",
-            &[base.vocab_size, hidden],
-        )?;
-        let lm_head = if !base.tie_word_embeddings && source.contains("lm_head.weight") {
-            Linear::load(source, "lm_head", hidden, base.vocab_size, false, device)?
+        let embed_name = "model.embed_tokens.weight";
+        let (embed, lm_head) = if !base.tie_word_embeddings && source.contains("lm_head.weight") {
+            let head = Linear::load(source, "lm_head", hidden, base.vocab_size, false, device)?;
+            (
+                checked_data(source, embed_name, &[base.vocab_size, hidden])?,
+                head,
+            )
         } else {
-            Linear::from_hf_weight(&embed, None, device)
+            // A tied head reads the embedding matrix, which the source may hand over quantized.
+            match source.linear_weight(embed_name, base.vocab_size, hidden)? {
+                LinearWeight::Dense(embed) => {
+                    let head = Linear::from_hf_weight(&embed, None, device);
+                    (embed, head)
+                }
+                quantized => {
+                    let head = Linear::from_weight(quantized, None, device);
+                    (
+                        checked_data(source, embed_name, &[base.vocab_size, hidden])?,
+                        head,
+                    )
+                }
+            }
         };
         let embed_tokens = Embedding {
             weight: Param::from_tensor(Tensor::from_data(embed, device)),

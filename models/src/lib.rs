@@ -65,6 +65,27 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<TensorData, ModelError>;
     /// Whether the tensor exists (used for optional weights such as an untied head).
     fn contains(&self, name: &str) -> bool;
+    /// A linear layer's `[out, in]` weight: f32 by default; a source may hand over quantized
+    /// codes instead (GGUF blocks, in-situ quantization), which the kernels consume as they are.
+    fn linear_weight(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<LinearWeight, ModelError> {
+        let data = self.tensor(name)?;
+        nn::check_shape(name, &data, &[out_features, in_features])?;
+        Ok(LinearWeight::Dense(data))
+    }
+}
+
+/// A linear layer's weight as a [`WeightSource`] hands it over.
+#[derive(Debug)]
+pub enum LinearWeight {
+    /// f32 values, HF layout `[out, in]`.
+    Dense(TensorData),
+    /// Codes and scales for the quantized kernels.
+    Quantized(moera_kernels::QuantizedMatrix),
 }
 
 /// Which positions the forward pass turns into logits.

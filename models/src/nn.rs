@@ -3,7 +3,9 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::{ModelError, WeightSource};
+use moera_kernels::QuantLinear;
+
+use crate::{LinearWeight, ModelError, WeightSource};
 
 /// Reads tensor `name` and checks it has `expected` shape.
 pub fn checked_data(
@@ -12,15 +14,21 @@ pub fn checked_data(
     expected: &[usize],
 ) -> Result<TensorData, ModelError> {
     let data = source.tensor(name)?;
-    let found = data.shape().as_slice().to_vec();
-    if found.as_slice() != expected {
+    check_shape(name, &data, expected)?;
+    Ok(data)
+}
+
+/// [`ModelError::ShapeMismatch`] unless `data` has `expected` shape.
+pub fn check_shape(name: &str, data: &TensorData, expected: &[usize]) -> Result<(), ModelError> {
+    let found = data.shape().as_slice();
+    if found != expected {
         return Err(ModelError::ShapeMismatch {
             name: name.to_string(),
             expected: expected.to_vec(),
-            found,
+            found: found.to_vec(),
         });
     }
-    Ok(data)
+    Ok(())
 }
 
 /// Loads tensor `name` onto `device`, checking it has `expected` shape.
@@ -36,15 +44,19 @@ pub fn load_checked<const D: usize>(
     ))
 }
 
-/// A linear layer `y = x·Wᵀ + b`, with `W` kept transposed (`[in, out]`) for the matmul.
+/// A linear layer `y = x·Wᵀ + b`: `W` as f32, kept transposed (`[in, out]`) for the
+/// matmul, or quantized for the dequant-matmul kernels.
 #[derive(Module, Debug)]
 pub struct Linear {
-    pub weight: Param<Tensor<2>>,
+    pub weight: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    pub quantized: Option<QuantLinear>,
     pub bias: Option<Param<Tensor<1>>>,
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` (HF layout `[out, in]`) and, if `bias`, `{prefix}.bias`.
+    /// Loads `{prefix}.weight` (HF layout `[out, in]`, f32 or quantized as the source
+    /// gives it) and, if `bias`, `{prefix}.bias`.
     pub fn load(
         source: &dyn WeightSource,
         prefix: &str,
@@ -53,15 +65,31 @@ impl Linear {
         bias: bool,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let name = format!("{prefix}.weight");
-        let weight = checked_data(source, &name, &[out_features, in_features])?;
+        let weight =
+            source.linear_weight(&format!("{prefix}.weight"), out_features, in_features)?;
         let bias = if bias {
             let b = load_checked(source, &format!("{prefix}.bias"), [out_features], device)?;
             Some(Param::from_tensor(b))
         } else {
             None
         };
-        Ok(Self::from_hf_weight(&weight, bias, device))
+        Ok(Self::from_weight(weight, bias, device))
+    }
+
+    /// Wraps a weight as a source handed it over.
+    pub fn from_weight(
+        weight: LinearWeight,
+        bias: Option<Param<Tensor<1>>>,
+        device: &Device,
+    ) -> Self {
+        match weight {
+            LinearWeight::Dense(data) => Self::from_hf_weight(&data, bias, device),
+            LinearWeight::Quantized(matrix) => Self {
+                weight: None,
+                quantized: Some(QuantLinear::new(matrix, device)),
+                bias,
+            },
+        }
     }
 
     /// Wraps HF-layout `[out, in]` weight data.
@@ -73,13 +101,25 @@ impl Linear {
         // Stored as a contiguous [in, out] matrix so every forward is a plain row-major matmul.
         let weight = Tensor::from_data(transpose_2d(weight), device);
         Self {
-            weight: Param::from_tensor(weight),
+            weight: Some(Param::from_tensor(weight)),
+            quantized: None,
             bias,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let bias = self.bias.as_ref().map(|b| b.val());
+        match (&self.weight, &self.quantized) {
+            (Some(weight), _) => burn::tensor::module::linear(x, weight.val(), bias),
+            (None, Some(quantized)) => {
+                let y = quantized.forward(x);
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+            (None, None) => unreachable!("a linear layer has a dense or a quantized weight"),
+        }
     }
 }
 
@@ -115,19 +155,26 @@ pub fn deinterleave_rows(
     offset: usize,
     width: usize,
 ) -> Vec<f32> {
-    let mut out = values.to_vec();
     let rows = values.len() / cols.max(1);
+    deinterleave_order(rows, stride, offset, width)
+        .into_iter()
+        .flat_map(|from| &values[from * cols..(from + 1) * cols])
+        .copied()
+        .collect()
+}
+
+/// The row order [`deinterleave_rows`] applies: output row `i` is input row `order[i]`.
+pub fn deinterleave_order(rows: usize, stride: usize, offset: usize, width: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows).collect();
     let half = width / 2;
     for block in (0..rows / stride.max(1)).map(|b| b * stride + offset) {
         for i in 0..half {
             for j in 0..2 {
-                let from = (block + 2 * i + j) * cols;
-                let to = (block + j * half + i) * cols;
-                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+                order[block + j * half + i] = block + 2 * i + j;
             }
         }
     }
-    out
+    order
 }
 
 /// The f32 values of weight data, or an error naming the tensor.

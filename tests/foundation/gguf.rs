@@ -69,6 +69,11 @@ fn llama_cpp_qk_permutation_is_undone() {
             }
         }
     }
-    let restored = moera::engine::gguf::unpermute_rows(&permuted, &[rows, cols], heads).unwrap();
+    let order = moera::engine::gguf::unpermute_order(rows, heads).unwrap();
+    let restored: Vec<f32> = order
+        .iter()
+        .flat_map(|&r| &permuted[r * cols..(r + 1) * cols])
+        .copied()
+        .collect();
     assert_eq!(restored, hf);
 }

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use moera::engine::gguf::GgufFile;
-use moera::engine::{ChatMessage, GenerationRequest, Model};
+use moera::engine::{ChatMessage, GenerationRequest, LoadOptions, Model, Quantization};
 
 use crate::common::*;
 
@@ -12,6 +12,21 @@ fn model() -> Option<&'static Model> {
     static MODEL: OnceLock<Option<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| smollm2_path().map(|path| load_on(&path, &flex())))
+        .as_ref()
+}
+
+/// The same file with every weight dequantized to f32 at load (`--quant none`).
+fn dequantized_model() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            smollm2_path().map(|path| {
+                let options = LoadOptions {
+                    quantization: Quantization::None,
+                };
+                Model::load_with(&path, &flex(), options, &mut |_| {}).unwrap()
+            })
+        })
         .as_ref()
 }
 
@@ -145,4 +160,48 @@ fn greedy_continuation_matches_transformers_on_wgpu() {
     assert!(diff < 1e-3, "max logit difference {diff}");
     let generated = greedy_ids(&model, &prompt, 10);
     assert_eq!(generated, ids(&reference["greedy_ids"].1));
+
+    // That was the quantized path (the GGUF blocks on the dequant-matmul kernels); its
+    // perplexity stays within 0.5% of the dequantized path's on flex.
+    assert!(model.weight_memory().quantized > 0);
+    let Some(dequantized) = dequantized_model() else {
+        return;
+    };
+    let text = std::fs::read_to_string(fixtures().join("english.txt")).unwrap();
+    let ids = model.encode(&text, true).unwrap();
+    let ids = &ids[..ids.len().min(257)];
+    let q = model.perplexity(ids, 256).unwrap().perplexity;
+    let f = dequantized.perplexity(ids, 256).unwrap().perplexity;
+    assert!(
+        (q - f).abs() / f < 0.005,
+        "perplexity {q} on wgpu vs {f} dequantized"
+    );
+}
+
+#[test]
+fn quantized_path_matches_the_dequantized_path() {
+    let (Some(quantized), Some(dequantized)) = (model(), dequantized_model()) else {
+        return;
+    };
+    // The default keeps the GGUF blocks: every projection and the tied head run on the
+    // dequant-matmul kernel; `none` holds them all in f32.
+    let memory = quantized.weight_memory();
+    assert_eq!(memory.quantized, memory.matrices, "{memory}");
+    assert!(memory.loaded_bytes * 4 < memory.f32_bytes, "{memory}");
+    assert_eq!(dequantized.weight_memory().quantized, 0);
+
+    let prompt = quantized.encode("The capital of France is", true).unwrap();
+    assert_eq!(
+        greedy_ids(quantized, &prompt, 16),
+        greedy_ids(dequantized, &prompt, 16),
+        "greedy tokens"
+    );
+    let text = std::fs::read_to_string(fixtures().join("english.txt")).unwrap();
+    let ids = quantized.encode(&text, true).unwrap();
+    let q = quantized.perplexity(&ids, 256).unwrap().perplexity;
+    let f = dequantized.perplexity(&ids, 256).unwrap().perplexity;
+    assert!(
+        (q - f).abs() / f < 0.005,
+        "perplexity {q} quantized vs {f} dequantized"
+    );
 }

@@ -1,0 +1,85 @@
+//! Dequant-matmul: our kernel (rayon on flex, cubecl on wgpu/cuda) against the plain-burn
+//! reference and against an f32 matmul of the same shape, for a decode GEMV (1 token) and a
+//! prefill GEMM (64 tokens). Shapes are SmolLM2's MLP projection `[1536, 576]` and a larger
+//! `[4096, 4096]`. Throughput is in bytes of weights read, so criterion's rate for the GEMV
+//! is its achieved bandwidth; `copy` measures the device's copy bandwidth (read + write of a
+//! 64 MiB buffer) to compare it with.
+//!
+//!     RAYON_NUM_THREADS=2 cargo bench --bench kernels
+//!     MOERA_DEVICE=wgpu cargo bench --bench kernels --features wgpu   # or cuda
+
+use std::time::Duration;
+
+use burn::tensor::{Tensor, TensorData};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use moera::engine::DeviceKind;
+use moera::kernels::{QuantFormat, QuantLinear, QuantizedMatrix};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let device = DeviceKind::default_kind()
+        .and_then(|kind| kind.device())
+        .expect("device");
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut group = c.benchmark_group("qmatmul");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+
+    // Copy bandwidth: x + 0 reads and writes every element once.
+    let elements = 16 << 20;
+    let buffer = Tensor::<1>::from_data(
+        TensorData::new(random(&mut rng, elements), [elements]),
+        &device,
+    );
+    group.throughput(Throughput::Bytes(8 * elements as u64));
+    group.bench_function("copy/64MiB", |b| {
+        b.iter(|| buffer.clone().add_scalar(0.0).into_data())
+    });
+
+    let formats = [
+        QuantFormat::Int8,
+        QuantFormat::Int4 {
+            group: 32,
+            asymmetric: true,
+        },
+    ];
+    for (rows, cols) in [(1536, 576), (4096, 4096)] {
+        let weights = random(&mut rng, rows * cols);
+        let dense = Tensor::<2>::from_data(TensorData::new(weights.clone(), [rows, cols]), &device)
+            .transpose();
+        for tokens in [1, 64] {
+            let x = Tensor::<2>::from_data(
+                TensorData::new(random(&mut rng, tokens * cols), [tokens, cols]),
+                &device,
+            );
+            let shape = format!("{rows}x{cols}/t{tokens}");
+            group.throughput(Throughput::Bytes(4 * (rows * cols) as u64));
+            group.bench_function(format!("f32/{shape}"), |b| {
+                b.iter(|| x.clone().matmul(dense.clone()).into_data())
+            });
+            for format in formats {
+                let matrix = QuantizedMatrix::quantize(format, &weights, rows, cols).unwrap();
+                group.throughput(Throughput::Bytes(matrix.memory_bytes() as u64));
+                let linear = QuantLinear::new(matrix, &device);
+                group.bench_function(format!("{format}/kernel/{shape}"), |b| {
+                    b.iter(|| linear.forward(x.clone()).into_data())
+                });
+                if rows * cols <= 1 << 20 {
+                    group.bench_function(format!("{format}/reference/{shape}"), |b| {
+                        b.iter(|| linear.reference(x.clone()).into_data())
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,193 @@
+//! rayon CPU kernels, used on flex (and any other CPU backend) instead of the reference.
+//!
+//! The inner loops are written so the compiler vectorizes them; on x86-64 they are compiled a
+//! second time with AVX2 and FMA (variable per-lane shifts decode eight 4-bit codes at once)
+//! and that version is picked at run time when the CPU has them.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::quant::QuantizedMatrix;
+
+/// Output rows per rayon task: enough work to amortize scheduling, few enough to balance.
+const ROWS_PER_TASK: usize = 32;
+
+/// `x · Wᵀ` for `x` `[m, cols]` row-major: `[m, rows]`, never materializing the f32 matrix.
+///
+/// Per group: `Σ x·(s·q + o) = s·Σ x·q + o·Σ x`, so the offset costs one multiply per group
+/// with the group sums of `x` computed once.
+pub fn quant_matmul(w: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * w.cols);
+    let x_sums: Vec<f32> = if w.offsets.is_some() {
+        x.chunks_exact(w.group).map(|g| g.iter().sum()).collect()
+    } else {
+        Vec::new()
+    };
+    let job = Job { w, x, m, x_sums };
+    // Computed as [rows, m] so each task owns whole output rows, then transposed.
+    let mut by_row = vec![0f32; w.rows * m];
+    let fast = simd_available();
+    by_row
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU reported AVX2 and FMA.
+                unsafe { rows_avx2(&job, first, out) };
+                return;
+            }
+            let _ = fast;
+            job.rows::<false>(first, out);
+        });
+    if m == 1 {
+        return by_row;
+    }
+    let n = w.rows;
+    let mut out = vec![0f32; m * n];
+    for (row, values) in by_row.chunks_exact(m).enumerate() {
+        for (t, &v) in values.iter().enumerate() {
+            out[t * n + row] = v;
+        }
+    }
+    out
+}
+
+fn simd_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2(job: &Job, first: usize, out: &mut [f32]) {
+    job.rows::<true>(first, out);
+}
+
+struct Job<'a> {
+    w: &'a QuantizedMatrix,
+    x: &'a [f32],
+    m: usize,
+    x_sums: Vec<f32>,
+}
+
+impl Job<'_> {
+    /// Output rows `first..` into `out` (`m` values per row).
+    #[inline(always)]
+    fn rows<const FMA: bool>(&self, first: usize, out: &mut [f32]) {
+        let w = self.w;
+        let (k, group, m) = (w.cols, w.group, self.m);
+        let groups = w.groups_per_row();
+        let words = w.words_per_row();
+        let words_per_group = group / w.codes_per_word();
+        let four_bit = w.format.code_bits() == 4;
+        let mut decoded = vec![0f32; if m > 1 { group } else { 0 }];
+        for (local, out) in out.chunks_exact_mut(m).enumerate() {
+            let row = first + local;
+            let codes = &w.codes[row * words..(row + 1) * words];
+            for g in 0..groups {
+                let words = &codes[g * words_per_group..(g + 1) * words_per_group];
+                let scale = w.scales[row * groups + g];
+                let offset = w.offsets.as_ref().map_or(0.0, |o| o[row * groups + g]);
+                if m == 1 {
+                    // Decode: one pass, codes decoded straight into the dot product.
+                    let xs = &self.x[g * group..(g + 1) * group];
+                    let dot = if four_bit {
+                        dot4::<FMA>(words, xs)
+                    } else {
+                        dot8::<FMA>(words, xs)
+                    };
+                    out[0] += scale * dot + offset * self.x_sums.get(g).copied().unwrap_or(0.0);
+                    continue;
+                }
+                // Several tokens: decode the group once, then one dot product per token.
+                if four_bit {
+                    decode4(words, &mut decoded);
+                } else {
+                    decode8(words, &mut decoded);
+                }
+                for (t, y) in out.iter_mut().enumerate() {
+                    let xs = &self.x[t * k + g * group..t * k + (g + 1) * group];
+                    let mut acc = scale * dot::<FMA>(&decoded, xs);
+                    if offset != 0.0 {
+                        acc += offset * self.x_sums[t * groups + g];
+                    }
+                    *y += acc;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `Σ code·x` over 4-bit codes, eight lanes (one per nibble position) so it vectorizes.
+#[inline(always)]
+fn dot4<const FMA: bool>(words: &[u32], x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (&word, xs) in words.iter().zip(x.chunks_exact(8)) {
+        for l in 0..8 {
+            let code = ((word >> (4 * l)) & 0x0f) as i32 as f32;
+            lanes[l] = fma::<FMA>(code, xs[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// `Σ code·x` over 8-bit codes, in eight lanes.
+#[inline(always)]
+fn dot8<const FMA: bool>(words: &[u32], x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (pair, xs) in words.chunks_exact(2).zip(x.chunks_exact(8)) {
+        let bytes = [pair[0].to_le_bytes(), pair[1].to_le_bytes()];
+        for l in 0..8 {
+            let code = bytes[l / 4][l % 4] as i8 as f32;
+            lanes[l] = fma::<FMA>(code, xs[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum()
+}
+
+#[inline(always)]
+fn decode4(words: &[u32], out: &mut [f32]) {
+    for (word, out) in words.iter().zip(out.chunks_exact_mut(8)) {
+        for (i, y) in out.iter_mut().enumerate() {
+            *y = ((word >> (4 * i)) & 0x0f) as i32 as f32;
+        }
+    }
+}
+
+#[inline(always)]
+fn decode8(words: &[u32], out: &mut [f32]) {
+    for (word, out) in words.iter().zip(out.chunks_exact_mut(4)) {
+        for (y, byte) in out.iter_mut().zip(word.to_le_bytes()) {
+            *y = byte as i8 as f32;
+        }
+    }
+}
+
+/// A dot product in eight independent lanes, so it vectorizes without reassociation.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let split = a.len() / 8 * 8;
+    for (a, b) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] = fma::<FMA>(a[l], b[l], lanes[l]);
+        }
+    }
+    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
+}

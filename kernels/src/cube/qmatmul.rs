@@ -1,0 +1,202 @@
+//! Dequant-matmul kernels: `out[m, n] = Σ_k x[m, k] · (scale·code + offset)[n, k]`, with
+//! the codes decoded in registers (never an f32 copy of the weights in device memory) and
+//! f32 accumulation.
+
+use cubecl::prelude::*;
+
+/// GEMV: lanes of one output row walk its code words; rows per cube.
+pub const GEMV_LANES: u32 = 32;
+pub const GEMV_ROWS: u32 = 4;
+const GEMV_LANES_LOG2: u32 = GEMV_LANES.trailing_zeros();
+/// GEMM: a `TILE × TILE` output tile per cube, `TILE_K` weights deep per step, each of the
+/// `THREADS_SIDE²` threads computing a 2 × 2 block.
+pub const TILE: u32 = 32;
+pub const TILE_K: u32 = 32;
+pub const THREADS_SIDE: u32 = 16;
+
+pub struct Dims {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub group: u32,
+}
+
+/// Code `i` of `word` as the integer it stands for: unsigned 4-bit, two's complement 8-bit.
+#[cube]
+fn decode(word: u32, i: u32, #[comptime] bits: u32) -> f32 {
+    let field = (word >> (i * bits)) & ((1u32 << bits) - 1);
+    let value = f32::cast_from(field);
+    if bits == 8 {
+        value - select(field >= 128u32, 256.0f32, 0.0f32)
+    } else {
+        value
+    }
+}
+
+/// One output element per `GEMV_LANES` lanes: each lane decodes whole code words (so the
+/// scale and offset are read once per word) and accumulates `scale·Σ x·q + offset·Σ x`;
+/// the lanes then reduce in shared memory.
+#[cube(launch_unchecked)]
+pub fn qgemv_kernel(
+    x: &[f32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    out: &mut [f32],
+    _m: u32,
+    n: u32,
+    k: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+) {
+    let per_word = 32u32 / bits;
+    let lane = UNIT_POS_X;
+    let local_row = UNIT_POS_Y;
+    let row = CUBE_POS_X * GEMV_ROWS + local_row;
+    let token = CUBE_POS_Y;
+    let words = k / per_word;
+    let groups = k / group;
+    let mut acc = 0.0f32;
+    if row < n {
+        for w in range_stepped(lane, words, GEMV_LANES) {
+            let word = codes[(row * words + w) as usize];
+            let col = w * per_word;
+            let g = (row * groups + col / group) as usize;
+            let base = (token * k + col) as usize;
+            let mut dot = 0.0f32;
+            let mut sum = 0.0f32;
+            #[unroll]
+            for i in 0..per_word {
+                let xv = x[base + i as usize];
+                dot += xv * decode(word, i, bits);
+                sum += xv;
+            }
+            acc += scales[g] * dot;
+            if has_offsets {
+                acc += offsets[g] * sum;
+            }
+        }
+    }
+    let mut partial = Shared::<[f32]>::new_slice((GEMV_LANES * GEMV_ROWS) as usize);
+    let slot = (local_row * GEMV_LANES + lane) as usize;
+    partial[slot] = acc;
+    sync_cube();
+    #[unroll]
+    for level in 1..GEMV_LANES_LOG2 + 1 {
+        let stride = GEMV_LANES >> level;
+        if lane < stride {
+            partial[slot] += partial[slot + stride as usize];
+        }
+        sync_cube();
+    }
+    if lane == 0 && row < n {
+        out[(token * n + row) as usize] = partial[slot];
+    }
+}
+
+/// A `TILE × TILE` block of the output per cube: each `TILE_K` step stages `x` and the
+/// decoded weights in shared memory, then every thread accumulates its 2 × 2 outputs.
+/// Needs `k` to be a multiple of `TILE_K` (so groups, multiples of a word, align with it).
+#[cube(launch_unchecked)]
+pub fn qgemm_kernel(
+    x: &[f32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    out: &mut [f32],
+    m: u32,
+    n: u32,
+    k: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+) {
+    let per_word = 32u32 / bits;
+    let words = k / per_word;
+    let groups = k / group;
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let thread = ty * THREADS_SIDE + tx;
+    let threads = THREADS_SIDE * THREADS_SIDE;
+    let token0 = CUBE_POS_Y * TILE;
+    let row0 = CUBE_POS_X * TILE;
+    // x tile [TILE tokens][TILE_K]; weight tile [TILE rows][TILE_K + 1] (padded: no bank
+    // conflicts when threads read down a column).
+    let mut xs = Shared::<[f32]>::new_slice((TILE * TILE_K) as usize);
+    let mut ws = Shared::<[f32]>::new_slice((TILE * (TILE_K + 1)) as usize);
+    let mut acc00 = 0.0f32;
+    let mut acc01 = 0.0f32;
+    let mut acc10 = 0.0f32;
+    let mut acc11 = 0.0f32;
+    let words_per_tile_row = TILE_K / per_word;
+    let mut k0 = 0u32;
+    while k0 < k {
+        for i in range_stepped(thread, TILE * TILE_K, threads) {
+            let t = token0 + i / TILE_K;
+            let kk = i % TILE_K;
+            let mut value = 0.0f32;
+            if t < m {
+                value = x[(t * k + k0 + kk) as usize];
+            }
+            xs[i as usize] = value;
+        }
+        for j in range_stepped(thread, TILE * words_per_tile_row, threads) {
+            let local = j / words_per_tile_row;
+            let wi = j % words_per_tile_row;
+            let row = row0 + local;
+            let col = k0 + wi * per_word;
+            let dst = (local * (TILE_K + 1) + wi * per_word) as usize;
+            if row < n {
+                let word = codes[(row * words + col / per_word) as usize];
+                let g = (row * groups + col / group) as usize;
+                let scale = scales[g];
+                let mut offset = 0.0f32;
+                if has_offsets {
+                    offset = offsets[g];
+                }
+                #[unroll]
+                for c in 0..per_word {
+                    ws[dst + c as usize] = scale * decode(word, c, bits) + offset;
+                }
+            } else {
+                #[unroll]
+                for c in 0..per_word {
+                    ws[dst + c as usize] = 0.0f32;
+                }
+            }
+        }
+        sync_cube();
+        let a0 = (ty * 2 * TILE_K) as usize;
+        let a1 = a0 + TILE_K as usize;
+        let b0 = (tx * 2 * (TILE_K + 1)) as usize;
+        let b1 = b0 + (TILE_K + 1) as usize;
+        #[unroll]
+        for kk in 0..TILE_K {
+            let x0 = xs[a0 + kk as usize];
+            let x1 = xs[a1 + kk as usize];
+            let w0 = ws[b0 + kk as usize];
+            let w1 = ws[b1 + kk as usize];
+            acc00 += x0 * w0;
+            acc01 += x0 * w1;
+            acc10 += x1 * w0;
+            acc11 += x1 * w1;
+        }
+        sync_cube();
+        k0 += TILE_K;
+    }
+    let t0 = token0 + ty * 2;
+    let r0 = row0 + tx * 2;
+    if t0 < m && r0 < n {
+        out[(t0 * n + r0) as usize] = acc00;
+    }
+    if t0 < m && r0 + 1 < n {
+        out[(t0 * n + r0 + 1) as usize] = acc01;
+    }
+    if t0 + 1 < m && r0 < n {
+        out[(t0 * n + n + r0) as usize] = acc10;
+    }
+    if t0 + 1 < m && r0 + 1 < n {
+        out[(t0 * n + n + r0 + 1) as usize] = acc11;
+    }
+}

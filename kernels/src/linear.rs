@@ -1,0 +1,214 @@
+//! A linear layer over a quantized weight matrix.
+
+use std::sync::{Arc, OnceLock};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::quant::{QuantFormat, QuantizedMatrix};
+use crate::{Executor, executor};
+
+/// `y = x · Wᵀ` with `W` (`[out, in]`) held quantized on `device`.
+///
+/// On cube devices the codes, scales and offsets live in device memory and a cubecl kernel
+/// decodes them inside the matrix product; on CPU backends they stay in host memory for the
+/// rayon kernel. The reference path dequantizes with burn ops (uploading the codes once if
+/// they are not on the device yet). Cloning is cheap: the weights are shared.
+#[derive(Clone)]
+pub struct QuantLinear {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    bits: u32,
+    memory_bytes: usize,
+    device: Device,
+    /// Kept for the CPU kernel.
+    host: Option<QuantizedMatrix>,
+    on_device: OnceLock<DeviceWeights>,
+}
+
+/// The matrix's parts as burn tensors.
+#[derive(Clone)]
+pub(crate) struct DeviceWeights {
+    /// Packed code words, bit patterns carried in the device's int type.
+    pub codes: Tensor<1, Int>,
+    /// `[rows, groups]`.
+    pub scales: Tensor<2>,
+    /// `[rows, groups]`; zeros when the format has none.
+    pub offsets: Tensor<2>,
+}
+
+impl std::fmt::Debug for QuantLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantLinear({} [{}, {}])",
+            self.inner.format, self.inner.rows, self.inner.cols
+        )
+    }
+}
+
+impl QuantLinear {
+    /// Places `matrix` on `device`.
+    pub fn new(matrix: QuantizedMatrix, device: &Device) -> Self {
+        let gpu = is_gpu(device);
+        let on_device = OnceLock::new();
+        if gpu {
+            let _ = on_device.set(upload(&matrix, device));
+        }
+        let inner = Inner {
+            format: matrix.format,
+            rows: matrix.rows,
+            cols: matrix.cols,
+            group: matrix.group,
+            bits: matrix.format.code_bits(),
+            memory_bytes: matrix.memory_bytes(),
+            device: device.clone(),
+            host: (!gpu).then_some(matrix),
+            on_device,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        self.inner.format
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.inner.rows, self.inner.cols]
+    }
+
+    /// Bytes of codes, scales and offsets.
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.memory_bytes
+    }
+
+    /// `x` `[..., in]` → `[..., out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let (rows, cols) = (self.inner.rows, self.inner.cols);
+        assert_eq!(dims[D - 1], cols, "QuantLinear input width");
+        let tokens = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([tokens, cols]);
+        let y = match executor(&x.device()) {
+            Executor::Reference => self.reference(x),
+            Executor::Cpu => match &self.inner.host {
+                Some(host) => {
+                    let device = x.device();
+                    let data = x.into_data().convert::<f32>();
+                    let values = data.as_slice::<f32>().expect("converted to f32");
+                    let y = crate::cpu::quant_matmul(host, values, tokens);
+                    Tensor::from_data(TensorData::new(y, [tokens, rows]), &device)
+                }
+                None => self.reference(x),
+            },
+            #[cfg(feature = "cube")]
+            Executor::Cube => crate::cube::quant_matmul(
+                x,
+                self.device_weights(),
+                self.inner.bits,
+                self.inner.group,
+                self.inner.format.has_offsets(),
+            ),
+        };
+        let mut out = dims;
+        out[D - 1] = rows;
+        y.reshape(out)
+    }
+
+    /// The reference: the weights dequantized with burn ops, then a plain matmul.
+    pub fn reference(&self, x: Tensor<2>) -> Tensor<2> {
+        x.matmul(self.dequantize().transpose())
+    }
+
+    /// The `[out, in]` weights as f32, computed with burn ops on the device.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let Inner {
+            rows,
+            cols,
+            group,
+            bits,
+            ..
+        } = *self.inner;
+        let weights = self.device_weights();
+        let device = weights.scales.device();
+        let per_word = (32 / bits) as usize;
+        let words = cols / per_word;
+        let shifts: Vec<i32> = (0..per_word as i32).map(|i| i * bits as i32).collect();
+        let shifts = Tensor::<1, Int>::from_data(TensorData::new(shifts, [per_word]), &device)
+            .reshape([1, 1, per_word])
+            .expand([rows, words, per_word]);
+        let fields = weights
+            .codes
+            .clone()
+            .reshape([rows, words, 1])
+            .expand([rows, words, per_word])
+            .bitwise_right_shift(shifts)
+            .bitwise_and_scalar((1i64 << bits) - 1)
+            .reshape([rows, cols]);
+        let codes = if bits == 8 {
+            // Two's complement bytes: 128..=255 stand for −128..=−1.
+            let negative = fields.clone().greater_equal_elem(128).int() * 256;
+            (fields - negative).float()
+        } else {
+            fields.float()
+        };
+        let groups = cols / group;
+        let per_weight = |t: &Tensor<2>| {
+            t.clone()
+                .reshape([rows, groups, 1])
+                .expand([rows, groups, group])
+                .reshape([rows, cols])
+        };
+        codes * per_weight(&weights.scales) + per_weight(&weights.offsets)
+    }
+
+    pub(crate) fn device_weights(&self) -> &DeviceWeights {
+        self.inner.on_device.get_or_init(|| {
+            let host = self
+                .inner
+                .host
+                .as_ref()
+                .expect("quantized weights are either on the device or on the host");
+            upload(host, &self.inner.device)
+        })
+    }
+}
+
+fn upload(matrix: &QuantizedMatrix, device: &Device) -> DeviceWeights {
+    let words: Vec<i32> = matrix.codes.iter().map(|&w| w as i32).collect();
+    let groups = matrix.groups_per_row();
+    let grid = |values: Vec<f32>| {
+        Tensor::<2>::from_data(TensorData::new(values, [matrix.rows, groups]), device)
+    };
+    DeviceWeights {
+        codes: Tensor::from_data(TensorData::new(words, [matrix.codes.len()]), device),
+        scales: grid(matrix.scales.clone()),
+        offsets: grid(
+            matrix
+                .offsets
+                .clone()
+                .unwrap_or_else(|| vec![0.0; matrix.scales.len()]),
+        ),
+    }
+}
+
+/// Whether `device` is one of the cube (GPU) backends.
+fn is_gpu(device: &Device) -> bool {
+    #[cfg(feature = "cube")]
+    {
+        crate::cube::is_cube(device)
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = device;
+        false
+    }
+}
