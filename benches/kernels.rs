@@ -38,9 +38,12 @@ fn bench(c: &mut Criterion) {
         &device,
     );
     group.throughput(Throughput::Bytes(8 * elements as u64));
-    group.bench_function("copy/64MiB", |b| {
-        b.iter(|| buffer.clone().add_scalar(0.0).into_data())
+    group.bench_function("copy/device/64MiB", |b| {
+        // Reading one element back waits for the whole op without copying it to the host.
+        b.iter(|| buffer.clone().add_scalar(0.0).slice(0..1).into_data())
     });
+    let host = random(&mut rng, elements);
+    group.bench_function("copy/host/64MiB", |b| b.iter(|| host.clone()));
 
     let formats = [
         QuantFormat::Int8,

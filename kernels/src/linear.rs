@@ -7,6 +7,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::quant::{QuantFormat, QuantizedMatrix};
 use crate::{Executor, executor};
 
+/// From this many tokens the CPU path multiplies a transiently dequantized matrix.
+const CPU_GEMM_MIN_TOKENS: usize = 16;
+
 /// `y = x · Wᵀ` with `W` (`[out, in]`) held quantized on `device`.
 ///
 /// On cube devices the codes, scales and offsets live in device memory and a cubecl kernel
@@ -100,6 +103,13 @@ impl QuantLinear {
         let y = match executor(&x.device()) {
             Executor::Reference => self.reference(x),
             Executor::Cpu => match &self.inner.host {
+                // Prefill: decoding each group once per token loses to a blocked f32 GEMM, so
+                // the matrix is dequantized for the call (rayon) and multiplied by burn.
+                Some(host) if tokens >= CPU_GEMM_MIN_TOKENS => {
+                    let device = x.device();
+                    let weights = TensorData::new(host.dequantize(), [rows, cols]);
+                    x.matmul(Tensor::<2>::from_data(weights, &device).transpose())
+                }
                 Some(host) => {
                     let device = x.device();
                     let data = x.into_data().convert::<f32>();
