@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::TensorData;
 use memmap2::Mmap;
 use moera_kernels::QuantizedMatrix;
-use moera_models::nn::check_shape;
+use moera_models::nn::{check_shape, gather_rows};
 use moera_models::{LinearWeight, Metadata, ModelError, WeightSource};
 
 use crate::error::{Error, Result};
@@ -456,14 +456,7 @@ impl WeightSource for GgufWeights<'_> {
         let values = info.ggml_type.dequantize(self.file.tensor_bytes(info));
         let rows = shape.first().copied().unwrap_or(1);
         let values = match self.unpermuted_order(name, rows)? {
-            Some(order) => {
-                let cols = values.len() / rows.max(1);
-                order
-                    .into_iter()
-                    .flat_map(|r| &values[r * cols..(r + 1) * cols])
-                    .copied()
-                    .collect()
-            }
+            Some(order) => gather_rows(&values, values.len() / rows.max(1), &order),
             None => values,
         };
         Ok(TensorData::new(values, shape))

@@ -134,7 +134,9 @@ impl QuantizedMatrix {
         4 * (self.codes.len() + self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len))
     }
 
-    fn empty(format: QuantFormat, rows: usize, cols: usize, group: usize, offsets: bool) -> Self {
+    /// Zeroed codes, scales and offsets; [`Self::finish`] drops the offsets of formats
+    /// without any.
+    fn empty(format: QuantFormat, rows: usize, cols: usize, group: usize) -> Self {
         let bits = format.code_bits() as usize;
         let groups = rows * (cols / group);
         Self {
@@ -144,8 +146,28 @@ impl QuantizedMatrix {
             group,
             codes: vec![0; rows * cols * bits / 32],
             scales: vec![0.0; groups],
-            offsets: offsets.then(|| vec![0.0; groups]),
+            offsets: Some(vec![0.0; groups]),
         }
+    }
+
+    fn finish(mut self) -> Self {
+        if !self.format.has_offsets() {
+            self.offsets = None;
+        }
+        self
+    }
+
+    /// Codes, scales and offsets of each row, for filling them in parallel.
+    fn rows_mut(
+        &mut self,
+    ) -> impl IndexedParallelIterator<Item = (&mut [u32], &mut [f32], &mut [f32])> {
+        let (words, groups) = (self.words_per_row(), self.groups_per_row());
+        let offsets = self.offsets.as_mut().expect("set by empty()");
+        self.codes
+            .par_chunks_mut(words)
+            .zip(self.scales.par_chunks_mut(groups))
+            .zip(offsets.par_chunks_mut(groups))
+            .map(|((c, s), o)| (c, s, o))
     }
 
     /// Re-lays out a GGUF tensor of `rows × cols` weights stored as `format` blocks along
@@ -158,7 +180,7 @@ impl QuantizedMatrix {
     ) -> Result<Self, KernelError> {
         let (per_block, block_bytes) =
             ggml_block(format).ok_or(KernelError::NotAGgmlFormat(format))?;
-        if !cols.is_multiple_of(per_block) {
+        if cols == 0 || !cols.is_multiple_of(per_block) {
             return Err(KernelError::Shape(format!(
                 "{format} rows of {cols} weights do not fill blocks of {per_block}"
             )));
@@ -170,22 +192,10 @@ impl QuantizedMatrix {
                 bytes.len()
             )));
         }
-        let group = 32;
-        let mut out = Self::empty(format, rows, cols, group, format.has_offsets());
-        let words_per_row = out.words_per_row();
-        let groups_per_row = out.groups_per_row();
+        let mut out = Self::empty(format, rows, cols, 32);
         let row_bytes = cols / per_block * block_bytes;
-        let offsets = out.offsets.as_deref_mut();
-        let mut offsets_rows: Vec<Option<&mut [f32]>> = match offsets {
-            Some(o) => o.chunks_mut(groups_per_row).map(Some).collect(),
-            None => (0..rows).map(|_| None).collect(),
-        };
-        out.codes
-            .par_chunks_mut(words_per_row)
-            .zip(out.scales.par_chunks_mut(groups_per_row))
-            .zip(offsets_rows.par_iter_mut())
-            .zip(bytes.par_chunks(row_bytes))
-            .for_each(|(((codes, scales), offsets), row)| {
+        out.rows_mut().zip(bytes.par_chunks(row_bytes)).for_each(
+            |((codes, scales, offsets), row)| {
                 let blocks = row.chunks_exact(block_bytes);
                 match format {
                     QuantFormat::Q8_0 => {
@@ -197,7 +207,6 @@ impl QuantizedMatrix {
                         }
                     }
                     QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
-                        let offsets = offsets.as_deref_mut().expect("4-bit blocks have offsets");
                         for (((b, words), scale), offset) in blocks
                             .zip(codes.chunks_exact_mut(4))
                             .zip(scales.iter_mut())
@@ -221,7 +230,6 @@ impl QuantizedMatrix {
                         }
                     }
                     QuantFormat::Q4K => {
-                        let offsets = offsets.as_deref_mut().expect("4-bit blocks have offsets");
                         for (((b, words), scales), offsets) in blocks
                             .zip(codes.chunks_exact_mut(32))
                             .zip(scales.chunks_exact_mut(8))
@@ -249,8 +257,9 @@ impl QuantizedMatrix {
                     }
                     _ => unreachable!("checked by ggml_block"),
                 }
-            });
-        Ok(out)
+            },
+        );
+        Ok(out.finish())
     }
 
     /// Quantizes `values` (`[rows, cols]`, row-major) to `format` (`Int8` or `Int4`): the
@@ -278,20 +287,13 @@ impl QuantizedMatrix {
                 "{format}: rows of {cols} weights do not split into groups of {group}"
             )));
         }
-        let mut out = Self::empty(format, rows, cols, group, format.has_offsets());
+        let mut out = Self::empty(format, rows, cols, group);
         let words_per_group = group / per_word;
-        let groups_per_row = out.groups_per_row();
-        let offsets = out.offsets.take();
-        let mut offsets = offsets.unwrap_or_default();
-        let mut offset_chunks: Vec<Option<&mut [f32]>> = if offsets.is_empty() {
-            (0..rows * groups_per_row).map(|_| None).collect()
-        } else {
-            offsets.chunks_mut(1).map(Some).collect()
-        };
+        let offsets = out.offsets.as_mut().expect("set by empty()");
         out.codes
             .par_chunks_mut(words_per_group)
             .zip(out.scales.par_iter_mut())
-            .zip(offset_chunks.par_iter_mut())
+            .zip(offsets.par_iter_mut())
             .zip(values.par_chunks(group))
             .for_each(|(((words, scale), offset), weights)| {
                 if format == QuantFormat::Int8 {
@@ -313,7 +315,7 @@ impl QuantizedMatrix {
                         .map(|w| ((w - min) * inv).round().clamp(0.0, 15.0) as u8)
                         .collect();
                     *scale = s;
-                    offset.as_mut().expect("asymmetric groups have offsets")[0] = min;
+                    *offset = min;
                     pack4(&q, words);
                 } else {
                     // Symmetric as ggml's Q4_0: the largest magnitude maps to −8, so its sign
@@ -329,26 +331,11 @@ impl QuantizedMatrix {
                         .map(|w| (w * inv + 8.0).round().clamp(0.0, 15.0) as u8)
                         .collect();
                     *scale = s;
-                    offset.as_mut().expect("int4 groups have offsets")[0] = -8.0 * s;
+                    *offset = -8.0 * s;
                     pack4(&q, words);
                 }
             });
-        drop(offset_chunks);
-        out.offsets = (!offsets.is_empty()).then_some(offsets);
-        Ok(out)
-    }
-
-    /// The code of weight `(row, col)`, as the integer it stands for.
-    pub fn code(&self, row: usize, col: usize) -> i32 {
-        let per_word = self.codes_per_word();
-        let word = self.codes[row * self.words_per_row() + col / per_word];
-        let bits = self.format.code_bits();
-        let field = (word >> (bits * (col % per_word) as u32)) & ((1 << bits) - 1);
-        if bits == 8 {
-            field as u8 as i8 as i32
-        } else {
-            field as i32
-        }
+        Ok(out.finish())
     }
 
     /// Every weight as f32, row-major `[rows, cols]`.
@@ -360,33 +347,50 @@ impl QuantizedMatrix {
         out
     }
 
-    /// Row `row` as f32 into `out` (`cols` values).
+    /// Row `row` as f32 into `out` (`cols` values), a group at a time.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let groups = self.groups_per_row();
-        for (col, y) in out.iter_mut().enumerate() {
-            let g = row * groups + col / self.group;
-            let offset = self.offsets.as_ref().map_or(0.0, |o| o[g]);
-            *y = self.scales[g] * self.code(row, col) as f32 + offset;
+        let (groups, per_word, bits) = (
+            self.groups_per_row(),
+            self.codes_per_word(),
+            self.format.code_bits(),
+        );
+        let words = &self.codes[row * self.words_per_row()..(row + 1) * self.words_per_row()];
+        let words_per_group = self.group / per_word;
+        for (g, (out, words)) in out
+            .chunks_exact_mut(self.group)
+            .zip(words.chunks_exact(words_per_group))
+            .enumerate()
+        {
+            let scale = self.scales[row * groups + g];
+            let offset = self.offsets.as_ref().map_or(0.0, |o| o[row * groups + g]);
+            for (out, &word) in out.chunks_exact_mut(per_word).zip(words) {
+                for (i, y) in out.iter_mut().enumerate() {
+                    let field = (word >> (bits * i as u32)) & ((1 << bits) - 1);
+                    let code = if bits == 8 {
+                        field as u8 as i8 as f32
+                    } else {
+                        field as f32
+                    };
+                    *y = scale * code + offset;
+                }
+            }
         }
     }
 
     /// The matrix with its rows reordered: output row `i` is input row `order[i]`.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
-        let gather = |values: &[f32], width: usize| -> Vec<f32> {
+        fn gather<T: Copy>(values: &[T], width: usize, order: &[usize]) -> Vec<T> {
             order
                 .iter()
-                .flat_map(|&r| values[r * width..(r + 1) * width].iter().copied())
+                .flat_map(|&r| &values[r * width..(r + 1) * width])
+                .copied()
                 .collect()
-        };
-        let words = self.words_per_row();
+        }
         let groups = self.groups_per_row();
         Self {
-            codes: order
-                .iter()
-                .flat_map(|&r| self.codes[r * words..(r + 1) * words].iter().copied())
-                .collect(),
-            scales: gather(&self.scales, groups),
-            offsets: self.offsets.as_ref().map(|o| gather(o, groups)),
+            codes: gather(&self.codes, self.words_per_row(), order),
+            scales: gather(&self.scales, groups, order),
+            offsets: self.offsets.as_ref().map(|o| gather(o, groups, order)),
             ..self.clone()
         }
     }
@@ -491,5 +495,6 @@ mod tests {
         assert!(QuantizedMatrix::quantize(format, &[0.0; 48], 1, 48).is_err());
         assert!(QuantizedMatrix::from_ggml(QuantFormat::Q4_0, &[0; 17], 1, 32).is_err());
         assert!(QuantizedMatrix::from_ggml(QuantFormat::Int8, &[0; 17], 1, 32).is_err());
+        assert!(QuantizedMatrix::from_ggml(QuantFormat::Q8_0, &[], 1, 0).is_err());
     }
 }

@@ -156,9 +156,18 @@ pub fn deinterleave_rows(
     width: usize,
 ) -> Vec<f32> {
     let rows = values.len() / cols.max(1);
-    deinterleave_order(rows, stride, offset, width)
-        .into_iter()
-        .flat_map(|from| &values[from * cols..(from + 1) * cols])
+    gather_rows(
+        values,
+        cols,
+        &deinterleave_order(rows, stride, offset, width),
+    )
+}
+
+/// Rows of `cols` values reordered: output row `i` is input row `order[i]`.
+pub fn gather_rows(values: &[f32], cols: usize, order: &[usize]) -> Vec<f32> {
+    order
+        .iter()
+        .flat_map(|&from| &values[from * cols..(from + 1) * cols])
         .copied()
         .collect()
 }

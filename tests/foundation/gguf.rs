@@ -70,10 +70,6 @@ fn llama_cpp_qk_permutation_is_undone() {
         }
     }
     let order = moera::engine::gguf::unpermute_order(rows, heads).unwrap();
-    let restored: Vec<f32> = order
-        .iter()
-        .flat_map(|&r| &permuted[r * cols..(r + 1) * cols])
-        .copied()
-        .collect();
+    let restored = moera::models::nn::gather_rows(&permuted, cols, &order);
     assert_eq!(restored, hf);
 }
