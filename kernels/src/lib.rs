@@ -1,5 +1,7 @@
 //! moera's compute kernels, each beside a reference written in plain burn ops.
 //!
+//! - [`moe`]: fused top-k routing and the sparse expert dispatch (counting sort by expert,
+//!   grouped GEMMs) as cubecl kernels on the cube backends.
 //! - [`quant`]: weight-only quantized matrices (int8, int4, GGUF Q4_0/Q4_1/Q8_0/Q4_K) and
 //!   [`QuantLinear`], their matrix product: a cubecl GEMV/GEMM on the cube backends (wgpu,
 //!   cuda), a rayon kernel on flex, and the plain-burn reference everywhere.
@@ -26,6 +28,7 @@ mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
 mod linear;
+pub mod moe;
 pub mod quant;
 
 pub use linear::QuantLinear;
@@ -65,9 +68,26 @@ pub fn set_kernel_path(path: KernelPath) {
     PATH.store(value, Ordering::Relaxed);
 }
 
-/// The current path: as set by [`set_kernel_path`], else `MOERA_KERNELS=reference` from the
+thread_local! {
+    static THREAD_PATH: std::cell::Cell<Option<KernelPath>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every operation this thread issues on `path`, whatever the process-wide
+/// setting: for comparing the two paths inside one process (tests run in parallel threads).
+pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
+    let previous = THREAD_PATH.with(|p| p.replace(Some(path)));
+    let result = f();
+    THREAD_PATH.with(|p| p.set(previous));
+    result
+}
+
+/// The current path: as set by [`with_kernel_path`] on this thread, else by
+/// [`set_kernel_path`], else `MOERA_KERNELS=reference` from the
 /// environment, else [`KernelPath::Fast`].
 pub fn kernel_path() -> KernelPath {
+    if let Some(path) = THREAD_PATH.with(|p| p.get()) {
+        return path;
+    }
     match PATH.load(Ordering::Relaxed) {
         FAST => KernelPath::Fast,
         REFERENCE => KernelPath::Reference,

@@ -313,8 +313,8 @@ impl CausalLm for Decoder {
             let ff = match &layer.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(h),
                 FeedForward::Sparse(moe) => {
-                    let (out, routing) = moe.forward(h)?;
-                    if let Some(trace) = trace.as_deref_mut() {
+                    let (out, routing) = moe.forward(h, trace.is_some())?;
+                    if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
                         trace.record(i, routing);
                     }
                     out

@@ -9,29 +9,11 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use moera_kernels::moe::StackedExperts;
+pub use moera_kernels::moe::{ExpertActivation, RoutingMethod};
+
 use crate::nn::{GatedMlp, Linear, checked_data, f32_values, load_checked, transpose_into};
 use crate::{ModelError, WeightSource};
-
-/// How router logits become expert ids and weights.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RoutingMethod {
-    /// softmax → top-k, optionally renormalized to sum to one (Mixtral, Qwen-MoE, OLMoE).
-    SoftmaxTopK { normalize: bool },
-    /// softmax → top-k, with `groups` = (`n_group`, `topk_group`) first keeping only the
-    /// experts of the best groups by their highest score (DeepSeek-V2 greedy and
-    /// group-limited greedy).
-    SoftmaxGroupLimited { groups: Option<(usize, usize)> },
-    /// sigmoid, plus a per-expert correction bias for the choice only; groups ranked by the
-    /// sum of their two best biased scores; the unbiased scores of the chosen experts are the
-    /// weights, optionally renormalized (DeepSeek-V3).
-    SigmoidGroupLimited {
-        groups: (usize, usize),
-        normalize: bool,
-        correction_bias: Vec<f32>,
-    },
-    /// top-k over the raw logits, then softmax over the k chosen (GPT-OSS).
-    TopKSoftmax,
-}
 
 /// The routing of one MoE layer for a batch of token rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,9 +282,20 @@ impl Router {
         &self.spec
     }
 
-    /// Routes token rows `x` `[tokens, hidden]`.
+    /// Router logits `[tokens, experts]` of token rows `x` `[tokens, hidden]`.
+    pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
+        self.gate.forward(x)
+    }
+
+    /// Routes token rows `x` `[tokens, hidden]` on the host (the reference router).
     pub fn route(&self, x: Tensor<2>) -> Result<Routing, ModelError> {
-        let logits = f32_values(self.gate.forward(x).into_data(), "router logits")?;
+        self.route_logits(self.logits(x))
+    }
+
+    /// Routes router logits on the host, one token at a time with
+    /// [`RouterSpec::route_token`].
+    pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing, ModelError> {
+        let logits = f32_values(logits.into_data(), "router logits")?;
         let experts = self.spec.num_experts;
         let tokens = logits.len() / experts;
         let mut ids = Vec::with_capacity(tokens * self.spec.top_k);
@@ -320,16 +313,39 @@ impl Router {
             weights,
         })
     }
+
+    /// Routes router logits with the fused kernel, leaving ids and weights on the device;
+    /// `None` where the kernel does not run (see [`moera_kernels::moe::fused_on`]).
+    pub fn route_on_device(&self, logits: Tensor<2>) -> Option<(Tensor<2, Int>, Tensor<2>)> {
+        moera_kernels::moe::route(logits, &self.spec.method, self.spec.top_k, self.spec.scale)
+    }
 }
 
-/// The gated activation of the experts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ExpertActivation {
-    /// `silu(gate) · up`.
-    SwiGlu,
-    /// GPT-OSS: `gate` clamped above at `limit`, `up` to `±limit`, then
-    /// `(up + 1) · gate · sigmoid(alpha · gate)`.
-    ClampedSwiGlu { alpha: f32, limit: f32 },
+impl Routing {
+    /// Reads a routing computed on the device back to the host.
+    pub fn from_device(
+        logits: Tensor<2>,
+        ids: Tensor<2, Int>,
+        weights: Tensor<2>,
+    ) -> Result<Self, ModelError> {
+        let [_, num_experts] = logits.dims();
+        let [_, top_k] = ids.dims();
+        let ids = ids
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| ModelError::Weights {
+                name: "expert ids".into(),
+                reason: format!("{e:?}"),
+            })?;
+        Ok(Self {
+            num_experts,
+            top_k,
+            logits: f32_values(logits.into_data(), "router logits")?,
+            ids: ids.into_iter().map(|i| i as u32).collect(),
+            weights: f32_values(weights.into_data(), "router weights")?,
+        })
+    }
 }
 
 /// How a checkpoint stores the experts of one layer.
@@ -585,6 +601,24 @@ impl Experts {
         out
     }
 
+    /// The fused sparse dispatch on the device (see [`moera_kernels::moe::dispatch`]), from
+    /// routing ids and weights `[tokens, top_k]`; `None` where the kernels do not run.
+    pub fn forward_fused(
+        &self,
+        x: Tensor<2>,
+        ids: Tensor<2, Int>,
+        weights: Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        let stacked = StackedExperts {
+            gate_up: self.gate_up.val(),
+            gate_up_bias: self.gate_up_bias.as_ref().map(Param::val),
+            down: self.down.val(),
+            down_bias: self.down_bias.as_ref().map(Param::val),
+            activation: self.activation,
+        };
+        moera_kernels::moe::dispatch(x, ids, weights, &stacked)
+    }
+
     /// The reference sparse dispatch: rows of `x` `[tokens, H]` grouped by chosen expert,
     /// each expert run once on its rows, results weighted and scatter-added per token.
     pub fn forward_sparse(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
@@ -696,12 +730,42 @@ impl SparseMoe {
         })
     }
 
-    /// Runs the block on `x` `[batch, seq, H]`, returning the output and the routing.
-    pub fn forward(&self, x: Tensor<3>) -> Result<(Tensor<3>, Routing), ModelError> {
+    /// Runs the block on `x` `[batch, seq, H]`, returning the output and, if `record`, the
+    /// routing. On cube devices routing and experts run as fused kernels with no host
+    /// round trip (the routing is read back only when recorded); elsewhere the reference
+    /// router and sparse dispatch run.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        record: bool,
+    ) -> Result<(Tensor<3>, Option<Routing>), ModelError> {
         let [batch, seq, hidden] = x.dims();
         let rows = x.reshape([batch * seq, hidden]);
-        let routing = self.router.route(rows.clone())?;
-        let mut out = self.experts.forward_sparse(rows.clone(), &routing);
+        let logits = self.router.logits(rows.clone());
+        let fused = self
+            .router
+            .route_on_device(logits.clone())
+            .and_then(|(ids, weights)| {
+                let out = self
+                    .experts
+                    .forward_fused(rows.clone(), ids.clone(), weights.clone())?;
+                Some((out, ids, weights))
+            });
+        let (mut out, routing) = match fused {
+            Some((out, ids, weights)) => {
+                let routing = if record {
+                    Some(Routing::from_device(logits, ids, weights)?)
+                } else {
+                    None
+                };
+                (out, routing)
+            }
+            None => {
+                let routing = self.router.route_logits(logits)?;
+                let out = self.experts.forward_sparse(rows.clone(), &routing);
+                (out, record.then_some(routing))
+            }
+        };
         if let Some(shared) = &self.shared {
             let mut shared_out = shared.forward(rows.clone());
             if let Some(gate) = &self.shared_gate {

@@ -1,6 +1,8 @@
 //! Kernel tests: each kernel against its plain-burn reference (on flex, and on wgpu in CI),
 //! and the quantized formats against the `gguf` Python package's dequantization.
 
+#[cfg(feature = "wgpu")]
+mod moe;
 mod quant;
 
 use std::path::{Path, PathBuf};

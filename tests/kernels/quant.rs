@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moera::engine::gguf::GgufFile;
-use moera::kernels::{KernelPath, QuantFormat, QuantLinear, QuantizedMatrix, set_kernel_path};
+use moera::kernels::{KernelPath, QuantFormat, QuantLinear, QuantizedMatrix, with_kernel_path};
 
 use crate::*;
 
@@ -106,7 +106,10 @@ fn sweep() -> Vec<QuantizedMatrix> {
 /// The fast path (rayon on flex, cubecl on wgpu) against the reference on the same device,
 /// for decode-sized (GEMV) and prefill-sized (tiled GEMM) token counts.
 fn check_against_reference(device: &Device) {
-    set_kernel_path(KernelPath::Fast);
+    with_kernel_path(KernelPath::Fast, || check_sweep(device));
+}
+
+fn check_sweep(device: &Device) {
     for matrix in sweep() {
         let (format, rows, cols) = (matrix.format, matrix.rows, matrix.cols);
         let linear = QuantLinear::new(matrix, device);

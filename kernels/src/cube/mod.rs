@@ -2,12 +2,13 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Cube, Dispatch, DispatchDevice, backend_extension};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Int, IntDType, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
+pub mod moe;
 mod qmatmul;
 
 use crate::linear::DeviceWeights;
@@ -30,6 +31,37 @@ pub trait KernelOps: burn::backend::Backend {
         bits: u32,
         group: usize,
         has_offsets: bool,
+    ) -> FloatTensor<Self>;
+
+    /// Routes each row of `logits` `[tokens, experts]`: ids `[tokens, top_k]` (u32 in i32
+    /// storage) and weights. `method` is one of the `moe::*` method codes; `groups` is
+    /// (`n_group`, `topk_group`), (1, 1) when the method has none; `correction_bias`
+    /// `[experts]` is read by the sigmoid method only.
+    fn moe_route(
+        logits: FloatTensor<Self>,
+        correction_bias: FloatTensor<Self>,
+        top_k: usize,
+        groups: (u32, u32),
+        scale: f32,
+        method: u32,
+        normalize: bool,
+    ) -> (IntTensor<Self>, FloatTensor<Self>);
+
+    /// The routed experts on `x` `[tokens, H]`: returns each (token, k) slot's weighted
+    /// output `[tokens · top_k, H]`, to be summed over k. The biases (`[E, 2I]`, `[E, H]`)
+    /// are read only if `has_bias`; `activation` is `None` for SwiGLU, or GPT-OSS's
+    /// (alpha, limit).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts(
+        x: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        gate_up_bias: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        down_bias: FloatTensor<Self>,
+        has_bias: bool,
+        activation: Option<(f32, f32)>,
     ) -> FloatTensor<Self>;
 }
 
@@ -117,6 +149,209 @@ impl KernelOps for Cube {
         }
         out
     }
+
+    fn moe_route(
+        logits: CubeTensor,
+        correction_bias: CubeTensor,
+        top_k: usize,
+        (n_group, keep_groups): (u32, u32),
+        scale: f32,
+        method: u32,
+        normalize: bool,
+    ) -> (CubeTensor, CubeTensor) {
+        let logits = into_contiguous(logits);
+        let (tokens, experts) = (logits.meta.shape()[0], logits.meta.shape()[1]);
+        let client = logits.client.clone();
+        let device = logits.device.clone();
+        let ids = empty_device::<i32>(client.clone(), device.clone(), [tokens, top_k].into());
+        let weights = empty_device::<f32>(client.clone(), device, [tokens, top_k].into());
+        let bias = into_contiguous(correction_bias);
+        let count = CubeCount::Static(tokens.div_ceil(moe::ROUTE_THREADS as usize) as u32, 1, 1);
+        unsafe {
+            moe::route_kernel::launch_unchecked(
+                &client,
+                count,
+                CubeDim::new_1d(moe::ROUTE_THREADS),
+                logits.into_buffer_arg(),
+                bias.into_buffer_arg(),
+                ids.clone().into_buffer_arg(),
+                weights.clone().into_buffer_arg(),
+                tokens as u32,
+                experts as u32,
+                top_k as u32,
+                n_group,
+                keep_groups,
+                scale,
+                method,
+                normalize,
+            );
+        }
+        (ids, weights)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts(
+        x: CubeTensor,
+        ids: CubeTensor,
+        weights: CubeTensor,
+        gate_up: CubeTensor,
+        gate_up_bias: CubeTensor,
+        down: CubeTensor,
+        down_bias: CubeTensor,
+        has_bias: bool,
+        activation: Option<(f32, f32)>,
+    ) -> CubeTensor {
+        assert!(
+            matches!(ids.dtype, DType::I32 | DType::U32),
+            "expert ids must be 32-bit, found {:?}",
+            ids.dtype
+        );
+        let x = into_contiguous(x);
+        let ids = into_contiguous(ids);
+        let weights = into_contiguous(weights);
+        let gate_up = into_contiguous(gate_up);
+        let down = into_contiguous(down);
+        let (tokens, hidden) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let top_k = ids.meta.shape()[1];
+        let (experts, inter) = (gate_up.meta.shape()[0], gate_up.meta.shape()[2] / 2);
+        let slots = tokens * top_k;
+        let client = x.client.clone();
+        let device = x.device.clone();
+        let buffer =
+            |shape: Vec<usize>| empty_device::<f32>(client.clone(), device.clone(), shape.into());
+        let words = |len: usize| empty_device::<u32>(client.clone(), device.clone(), [len].into());
+        let gate_up_bias = into_contiguous(gate_up_bias);
+        let down_bias = into_contiguous(down_bias);
+        let (alpha, limit) = activation.unwrap_or((1.0, 0.0));
+        let clamped = activation.is_some();
+        let out = buffer(vec![slots, hidden]);
+        let line = |columns: usize, rows: usize| {
+            CubeCount::Static(
+                columns.div_ceil(moe::LINE_THREADS as usize) as u32,
+                rows as u32,
+                1,
+            )
+        };
+        if tokens <= GEMV_MAX_TOKENS {
+            let act = buffer(vec![slots, inter]);
+            unsafe {
+                moe::gemv_gate_up_kernel::launch_unchecked(
+                    &client,
+                    line(inter, slots),
+                    CubeDim::new_1d(moe::LINE_THREADS),
+                    x.into_buffer_arg(),
+                    ids.clone().into_buffer_arg(),
+                    gate_up.into_buffer_arg(),
+                    gate_up_bias.into_buffer_arg(),
+                    act.clone().into_buffer_arg(),
+                    hidden as u32,
+                    inter as u32,
+                    top_k as u32,
+                    alpha,
+                    limit,
+                    has_bias,
+                    clamped,
+                );
+                moe::gemv_down_kernel::launch_unchecked(
+                    &client,
+                    line(hidden, slots),
+                    CubeDim::new_1d(moe::LINE_THREADS),
+                    act.into_buffer_arg(),
+                    ids.into_buffer_arg(),
+                    weights.into_buffer_arg(),
+                    down.into_buffer_arg(),
+                    down_bias.into_buffer_arg(),
+                    out.clone().into_buffer_arg(),
+                    hidden as u32,
+                    inter as u32,
+                    has_bias,
+                );
+            }
+            return out;
+        }
+        // Every expert's segment is padded to whole tiles: at most one partial tile per
+        // expert that received a slot.
+        let tile = moe::TILE as usize;
+        let max_blocks = slots.div_ceil(tile) + experts.min(slots);
+        let counts = words(experts);
+        let offsets = words(experts + 1);
+        let block_expert = words(max_blocks + 1);
+        let sorted = words(max_blocks * tile);
+        let act = buffer(vec![max_blocks * tile, inter]);
+        let line_dim = CubeDim::new_1d(moe::LINE_THREADS);
+        let tile_dim = CubeDim::new_2d(moe::THREADS_SIDE, moe::THREADS_SIDE);
+        let tiles =
+            |columns: usize| CubeCount::Static(columns.div_ceil(tile) as u32, max_blocks as u32, 1);
+        unsafe {
+            moe::count_kernel::launch_unchecked(
+                &client,
+                line(experts, 1),
+                line_dim,
+                ids.clone().into_buffer_arg(),
+                counts.clone().into_buffer_arg(),
+                slots as u32,
+                experts as u32,
+            );
+            moe::offsets_kernel::launch_unchecked(
+                &client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(1),
+                counts.into_buffer_arg(),
+                offsets.clone().into_buffer_arg(),
+                block_expert.clone().into_buffer_arg(),
+                experts as u32,
+                max_blocks as u32,
+            );
+            moe::scatter_kernel::launch_unchecked(
+                &client,
+                line(experts, 1),
+                line_dim,
+                ids.into_buffer_arg(),
+                offsets.into_buffer_arg(),
+                sorted.clone().into_buffer_arg(),
+                slots as u32,
+                experts as u32,
+            );
+            moe::grouped_gate_up_kernel::launch_unchecked(
+                &client,
+                tiles(inter),
+                tile_dim,
+                x.into_buffer_arg(),
+                sorted.clone().into_buffer_arg(),
+                block_expert.clone().into_buffer_arg(),
+                gate_up.into_buffer_arg(),
+                gate_up_bias.into_buffer_arg(),
+                act.clone().into_buffer_arg(),
+                slots as u32,
+                hidden as u32,
+                inter as u32,
+                top_k as u32,
+                max_blocks as u32,
+                alpha,
+                limit,
+                has_bias,
+                clamped,
+            );
+            moe::grouped_down_kernel::launch_unchecked(
+                &client,
+                tiles(hidden),
+                tile_dim,
+                act.into_buffer_arg(),
+                sorted.into_buffer_arg(),
+                block_expert.into_buffer_arg(),
+                weights.into_buffer_arg(),
+                down.into_buffer_arg(),
+                down_bias.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+                slots as u32,
+                hidden as u32,
+                inter as u32,
+                max_blocks as u32,
+                has_bias,
+            );
+        }
+        out
+    }
 }
 
 /// [`KernelOps::quant_matmul`] on burn tensors.
@@ -137,4 +372,71 @@ pub fn quant_matmul(
         has_offsets,
     );
     Tensor::from_dispatch(out)
+}
+
+/// [`KernelOps::moe_route`] on burn tensors.
+pub fn moe_route(
+    logits: Tensor<2>,
+    correction_bias: Option<Tensor<1>>,
+    top_k: usize,
+    groups: (u32, u32),
+    scale: f32,
+    method: u32,
+    normalize: bool,
+) -> (Tensor<2, Int>, Tensor<2>) {
+    let correction_bias = correction_bias.unwrap_or_else(|| Tensor::zeros([1], &logits.device()));
+    let (ids, weights) = <Dispatch as KernelOps>::moe_route(
+        logits.into_dispatch(),
+        correction_bias.into_dispatch(),
+        top_k,
+        groups,
+        scale,
+        method,
+        normalize,
+    );
+    (Tensor::from_dispatch(ids), Tensor::from_dispatch(weights))
+}
+
+/// [`KernelOps::moe_experts`] on burn tensors, summed over each token's k slots.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts(
+    x: Tensor<2>,
+    ids: Tensor<2, Int>,
+    weights: Tensor<2>,
+    gate_up: Tensor<3>,
+    gate_up_bias: Option<Tensor<2>>,
+    down: Tensor<3>,
+    down_bias: Option<Tensor<2>>,
+    activation: Option<(f32, f32)>,
+) -> Tensor<2> {
+    let [tokens, hidden] = x.dims();
+    let [_, top_k] = ids.dims();
+    let ids = if ids.dtype() == DType::I32 {
+        ids
+    } else {
+        ids.cast(IntDType::I32)
+    };
+    let device = x.device();
+    // One bias without the other reads zeros for the missing one.
+    let has_bias = gate_up_bias.is_some() || down_bias.is_some();
+    let [experts, _, width] = gate_up.dims();
+    let zeros =
+        |shape: [usize; 2]| Tensor::<2>::zeros(if has_bias { shape } else { [1, 1] }, &device);
+    let gate_up_bias = gate_up_bias.unwrap_or_else(|| zeros([experts, width]));
+    let down_bias = down_bias.unwrap_or_else(|| zeros([experts, hidden]));
+    let slots = <Dispatch as KernelOps>::moe_experts(
+        x.into_dispatch(),
+        ids.into_dispatch(),
+        weights.into_dispatch(),
+        gate_up.into_dispatch(),
+        gate_up_bias.into_dispatch(),
+        down.into_dispatch(),
+        down_bias.into_dispatch(),
+        has_bias,
+        activation,
+    );
+    Tensor::<2>::from_dispatch(slots)
+        .reshape([tokens, top_k, hidden])
+        .sum_dim(1)
+        .reshape([tokens, hidden])
 }

@@ -1,0 +1,670 @@
+//! Mixture-of-experts kernels: fused top-k routing, the counting sort of (token, k) slots by
+//! expert, and the grouped expert GEMMs (decode: a GEMV per slot; prefill: tiles over the
+//! sorted, block-padded segments).
+
+use cubecl::prelude::*;
+
+/// Routing methods, as the comptime `method` of [`route_kernel`].
+pub const SOFTMAX_TOP_K: u32 = 0;
+pub const SOFTMAX_GROUPS: u32 = 1;
+pub const SIGMOID_GROUPS: u32 = 2;
+pub const TOP_K_SOFTMAX: u32 = 3;
+
+/// Tokens per cube of the routing kernel (one thread routes one token).
+pub const ROUTE_THREADS: u32 = 64;
+/// Threads per cube of the one-thread-per-column kernels (counting, GEMV).
+pub const LINE_THREADS: u32 = 64;
+/// Grouped GEMM: `TILE` sorted slots × `TILE` output columns per cube, `TILE_K` deep per
+/// step, each of the `THREADS_SIDE²` threads computing a 2 × 2 block. `TILE` is also the
+/// block every expert's segment is padded to.
+pub const TILE: u32 = 32;
+pub const TILE_K: u32 = 32;
+pub const THREADS_SIDE: u32 = 16;
+
+/// Below every biased sigmoid score: the choice value of experts outside the kept groups
+/// (and the empty second place of a group). A mutable variable starting from it needs
+/// `f32::new(EXCLUDED)`: cubecl does not make a mutable variable from a bare constant.
+const EXCLUDED: f32 = -3.0e38;
+
+#[cube]
+fn sigmoid(x: f32) -> f32 {
+    1.0f32 / (1.0f32 + (-x).exp())
+}
+
+/// The value expert `e` is ranked by, before group limiting: its softmax probability, its
+/// biased sigmoid score, or its raw logit.
+#[cube]
+fn choice_score(
+    logits: &[f32],
+    bias: &[f32],
+    row: u32,
+    e: u32,
+    max: f32,
+    sum: f32,
+    #[comptime] method: u32,
+) -> f32 {
+    let logit = logits[(row + e) as usize];
+    if method == SIGMOID_GROUPS {
+        sigmoid(logit) + bias[e as usize]
+    } else if method == TOP_K_SOFTMAX {
+        logit
+    } else {
+        (logit - max).exp() / sum
+    }
+}
+
+/// A group's rank score: its best probability (DeepSeek-V2) or the sum of its two best
+/// biased scores (DeepSeek-V3).
+#[cube]
+fn group_score(
+    logits: &[f32],
+    bias: &[f32],
+    row: u32,
+    group: u32,
+    per_group: u32,
+    max: f32,
+    sum: f32,
+    #[comptime] method: u32,
+) -> f32 {
+    let first = group * per_group;
+    let mut best = choice_score(logits, bias, row, first, max, sum, method);
+    let mut second = f32::new(EXCLUDED);
+    for e in first + 1..first + per_group {
+        let v = choice_score(logits, bias, row, e, max, sum, method);
+        if v > best {
+            second = best;
+            best = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    if method == SIGMOID_GROUPS {
+        if per_group > 1 { best + second } else { best }
+    } else {
+        best
+    }
+}
+
+/// One token per thread: scores, optional group limiting, top-k by repeated "best after the
+/// previous pick" scans (value descending, then index ascending, so ties go to the lower
+/// index without any sort buffer), then renormalization and scaling.
+#[cube(launch_unchecked)]
+pub fn route_kernel(
+    logits: &[f32],
+    bias: &[f32],
+    ids: &mut [u32],
+    weights: &mut [f32],
+    tokens: u32,
+    experts: u32,
+    top_k: u32,
+    n_group: u32,
+    keep_groups: u32,
+    scale: f32,
+    #[comptime] method: u32,
+    #[comptime] normalize: bool,
+) {
+    let token = CUBE_POS_X * ROUTE_THREADS + UNIT_POS_X;
+    if token < tokens {
+        let row = token * experts;
+        let mut max = logits[row as usize];
+        let mut sum = 0.0f32;
+        if method == SOFTMAX_TOP_K || method == SOFTMAX_GROUPS {
+            for e in 1..experts {
+                max = max.max(logits[(row + e) as usize]);
+            }
+            for e in 0..experts {
+                sum += (logits[(row + e) as usize] - max).exp();
+            }
+        }
+        let per_group = experts / n_group;
+        // Bit g set: group g is kept.
+        let mut kept = 1u32;
+        if method == SOFTMAX_GROUPS || method == SIGMOID_GROUPS {
+            kept = 0u32;
+            let mut previous = 0.0f32;
+            let mut previous_group = 0u32;
+            for pick in 0..keep_groups {
+                let mut best = 0.0f32;
+                let mut best_group = n_group;
+                for g in 0..n_group {
+                    let v = group_score(logits, bias, row, g, per_group, max, sum, method);
+                    let after = pick == 0 || v < previous || (v == previous && g > previous_group);
+                    if after && (best_group == n_group || v > best) {
+                        best = v;
+                        best_group = g;
+                    }
+                }
+                kept |= 1u32 << best_group;
+                previous = best;
+                previous_group = best_group;
+            }
+        }
+        let out = token * top_k;
+        let mut previous = 0.0f32;
+        let mut previous_expert = 0u32;
+        let mut first = 0.0f32;
+        let mut total = 0.0f32;
+        for pick in 0..top_k {
+            let mut best = 0.0f32;
+            let mut best_expert = experts;
+            for e in 0..experts {
+                let mut v = choice_score(logits, bias, row, e, max, sum, method);
+                if ((kept >> (e / per_group)) & 1u32) == 0u32 {
+                    if method == SIGMOID_GROUPS {
+                        v = EXCLUDED;
+                    } else {
+                        v = 0.0f32;
+                    }
+                }
+                let after = pick == 0 || v < previous || (v == previous && e > previous_expert);
+                if after && (best_expert == experts || v > best) {
+                    best = v;
+                    best_expert = e;
+                }
+            }
+            let mut weight = best;
+            if method == SIGMOID_GROUPS {
+                weight = sigmoid(logits[(row + best_expert) as usize]);
+            }
+            if pick == 0 {
+                first = best;
+            }
+            if method == TOP_K_SOFTMAX {
+                total += (best - first).exp();
+            } else {
+                total += weight;
+            }
+            ids[(out + pick) as usize] = best_expert;
+            weights[(out + pick) as usize] = weight;
+            previous = best;
+            previous_expert = best_expert;
+        }
+        for j in 0..top_k {
+            let slot = (out + j) as usize;
+            let mut w = weights[slot];
+            if method == TOP_K_SOFTMAX {
+                w = (w - first).exp() / total;
+            } else if normalize {
+                if method == SIGMOID_GROUPS {
+                    w /= total + 1e-20f32;
+                } else {
+                    w /= total;
+                }
+            }
+            weights[slot] = w * scale;
+        }
+    }
+}
+
+/// The gated activation of one gate/up pair (`clamped`: GPT-OSS's clamped SwiGLU).
+#[cube]
+fn activate(gate: f32, up: f32, alpha: f32, limit: f32, #[comptime] clamped: bool) -> f32 {
+    if clamped {
+        let g = gate.min(limit);
+        let u = up.max(-limit).min(limit);
+        (u + 1.0f32) * g * sigmoid(alpha * g)
+    } else {
+        gate * sigmoid(gate) * up
+    }
+}
+
+/// Decode, gate/up: one thread per (slot, intermediate column) computes the gate and up
+/// dot products over the hidden size against expert `ids[slot]`'s stacked `[H, 2I]`
+/// weights and writes the activation `act[slot, column]`.
+#[cube(launch_unchecked)]
+pub fn gemv_gate_up_kernel(
+    x: &[f32],
+    ids: &[u32],
+    gate_up: &[f32],
+    gate_up_bias: &[f32],
+    act: &mut [f32],
+    hidden: u32,
+    inter: u32,
+    top_k: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let slot = CUBE_POS_Y;
+    if column < inter {
+        let expert = ids[slot as usize];
+        let width = 2 * inter;
+        let weights = expert * hidden * width;
+        let row = (slot / top_k) * hidden;
+        let mut gate = 0.0f32;
+        let mut up = 0.0f32;
+        for h in 0..hidden {
+            let xv = x[(row + h) as usize];
+            let w = weights + h * width + column;
+            gate += xv * gate_up[w as usize];
+            up += xv * gate_up[(w + inter) as usize];
+        }
+        if has_bias {
+            gate += gate_up_bias[(expert * width + column) as usize];
+            up += gate_up_bias[(expert * width + inter + column) as usize];
+        }
+        act[(slot * inter + column) as usize] = activate(gate, up, alpha, limit, clamped);
+    }
+}
+
+/// Decode, down: one thread per (slot, hidden column); the routing weight is applied here,
+/// so `out[slot]` is the slot's weighted contribution.
+#[cube(launch_unchecked)]
+pub fn gemv_down_kernel(
+    act: &[f32],
+    ids: &[u32],
+    routing: &[f32],
+    down: &[f32],
+    down_bias: &[f32],
+    out: &mut [f32],
+    hidden: u32,
+    inter: u32,
+    #[comptime] has_bias: bool,
+) {
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let slot = CUBE_POS_Y;
+    if column < hidden {
+        let expert = ids[slot as usize];
+        let weights = expert * inter * hidden;
+        let row = slot * inter;
+        let mut acc = 0.0f32;
+        for i in 0..inter {
+            acc += act[(row + i) as usize] * down[(weights + i * hidden + column) as usize];
+        }
+        if has_bias {
+            acc += down_bias[(expert * hidden + column) as usize];
+        }
+        out[(slot * hidden + column) as usize] = acc * routing[slot as usize];
+    }
+}
+
+/// Histogram: one thread per expert counts its slots.
+#[cube(launch_unchecked)]
+pub fn count_kernel(ids: &[u32], counts: &mut [u32], slots: u32, experts: u32) {
+    let expert = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    if expert < experts {
+        let mut count = 0u32;
+        for s in 0..slots {
+            if ids[s as usize] == expert {
+                count += 1;
+            }
+        }
+        counts[expert as usize] = count;
+    }
+}
+
+/// Padded prefix sum (one thread; `experts` steps): `offsets[e]` is where expert `e`'s
+/// segment starts, each segment padded to a multiple of [`TILE`]; `block_expert[b]` names
+/// the expert of tile `b`, and `block_expert[max_blocks]` holds the number of tiles.
+#[cube(launch_unchecked)]
+pub fn offsets_kernel(
+    counts: &[u32],
+    offsets: &mut [u32],
+    block_expert: &mut [u32],
+    experts: u32,
+    max_blocks: u32,
+) {
+    if UNIT_POS_X == 0 {
+        let mut start = 0u32;
+        for e in 0..experts {
+            offsets[e as usize] = start;
+            let blocks = counts[e as usize].div_ceil(TILE);
+            for b in 0..blocks {
+                block_expert[(start / TILE + b) as usize] = e;
+            }
+            start += blocks * TILE;
+        }
+        offsets[experts as usize] = start;
+        block_expert[max_blocks as usize] = start / TILE;
+    }
+}
+
+/// Scatter: one thread per expert writes its slots, in slot order (a stable sort), into its
+/// segment of `sorted`, and marks the padding with `slots` (no slot).
+#[cube(launch_unchecked)]
+pub fn scatter_kernel(ids: &[u32], offsets: &[u32], sorted: &mut [u32], slots: u32, experts: u32) {
+    let expert = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    if expert < experts {
+        let mut position = offsets[expert as usize];
+        for s in 0..slots {
+            if ids[s as usize] == expert {
+                sorted[position as usize] = s;
+                position += 1;
+            }
+        }
+        let end = offsets[(expert + 1) as usize];
+        while position < end {
+            sorted[position as usize] = slots;
+            position += 1;
+        }
+    }
+}
+
+/// Prefill, gate/up: tile `b` of the sorted slots (all one expert's) times that expert's
+/// gate and up columns. The prologue gathers the slots' token rows of `x` straight into
+/// shared memory (no permuted copy); the epilogue applies the activation and writes
+/// `act[position, column]` in sorted order.
+#[cube(launch_unchecked)]
+pub fn grouped_gate_up_kernel(
+    x: &[f32],
+    sorted: &[u32],
+    block_expert: &[u32],
+    gate_up: &[f32],
+    gate_up_bias: &[f32],
+    act: &mut [f32],
+    slots: u32,
+    hidden: u32,
+    inter: u32,
+    top_k: u32,
+    max_blocks: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    let block = CUBE_POS_Y;
+    if block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
+        let width = 2 * inter;
+        let weights = expert * hidden * width;
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let thread = ty * THREADS_SIDE + tx;
+        let threads = THREADS_SIDE * THREADS_SIDE;
+        let position0 = block * TILE;
+        let column0 = CUBE_POS_X * TILE;
+        let mut xs = Shared::<[f32]>::new_slice((TILE * TILE_K) as usize);
+        let mut gates = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
+        let mut ups = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
+        let mut g00 = 0.0f32;
+        let mut g01 = 0.0f32;
+        let mut g10 = 0.0f32;
+        let mut g11 = 0.0f32;
+        let mut u00 = 0.0f32;
+        let mut u01 = 0.0f32;
+        let mut u10 = 0.0f32;
+        let mut u11 = 0.0f32;
+        let mut k0 = 0u32;
+        while k0 < hidden {
+            for i in range_stepped(thread, TILE * TILE_K, threads) {
+                let slot = sorted[(position0 + i / TILE_K) as usize];
+                let h = k0 + i % TILE_K;
+                let mut value = 0.0f32;
+                if slot < slots && h < hidden {
+                    value = x[((slot / top_k) * hidden + h) as usize];
+                }
+                xs[i as usize] = value;
+            }
+            for i in range_stepped(thread, TILE_K * TILE, threads) {
+                let h = k0 + i / TILE;
+                let column = column0 + i % TILE;
+                let mut gate = 0.0f32;
+                let mut up = 0.0f32;
+                if h < hidden && column < inter {
+                    let w = weights + h * width + column;
+                    gate = gate_up[w as usize];
+                    up = gate_up[(w + inter) as usize];
+                }
+                gates[i as usize] = gate;
+                ups[i as usize] = up;
+            }
+            sync_cube();
+            let a0 = (ty * 2 * TILE_K) as usize;
+            let a1 = a0 + TILE_K as usize;
+            let b = (tx * 2) as usize;
+            #[unroll]
+            for kk in 0..TILE_K {
+                let x0 = xs[a0 + kk as usize];
+                let x1 = xs[a1 + kk as usize];
+                let w = kk as usize * TILE as usize + b;
+                let gw0 = gates[w];
+                let gw1 = gates[w + 1];
+                let uw0 = ups[w];
+                let uw1 = ups[w + 1];
+                g00 += x0 * gw0;
+                g01 += x0 * gw1;
+                g10 += x1 * gw0;
+                g11 += x1 * gw1;
+                u00 += x0 * uw0;
+                u01 += x0 * uw1;
+                u10 += x1 * uw0;
+                u11 += x1 * uw1;
+            }
+            sync_cube();
+            k0 += TILE_K;
+        }
+        let p0 = position0 + ty * 2;
+        let c0 = column0 + tx * 2;
+        write_activation(
+            act,
+            gate_up_bias,
+            expert,
+            p0,
+            c0,
+            g00,
+            u00,
+            inter,
+            alpha,
+            limit,
+            has_bias,
+            clamped,
+        );
+        write_activation(
+            act,
+            gate_up_bias,
+            expert,
+            p0,
+            c0 + 1,
+            g01,
+            u01,
+            inter,
+            alpha,
+            limit,
+            has_bias,
+            clamped,
+        );
+        write_activation(
+            act,
+            gate_up_bias,
+            expert,
+            p0 + 1,
+            c0,
+            g10,
+            u10,
+            inter,
+            alpha,
+            limit,
+            has_bias,
+            clamped,
+        );
+        write_activation(
+            act,
+            gate_up_bias,
+            expert,
+            p0 + 1,
+            c0 + 1,
+            g11,
+            u11,
+            inter,
+            alpha,
+            limit,
+            has_bias,
+            clamped,
+        );
+    }
+}
+
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_activation(
+    act: &mut [f32],
+    gate_up_bias: &[f32],
+    expert: u32,
+    position: u32,
+    column: u32,
+    gate: f32,
+    up: f32,
+    inter: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    if column < inter {
+        let mut g = gate;
+        let mut u = up;
+        if has_bias {
+            let row = expert * 2 * inter;
+            g += gate_up_bias[(row + column) as usize];
+            u += gate_up_bias[(row + inter + column) as usize];
+        }
+        act[(position * inter + column) as usize] = activate(g, u, alpha, limit, clamped);
+    }
+}
+
+/// Prefill, down: tile `b` of the sorted activations times its expert's `[I, H]` columns;
+/// the epilogue adds the bias, applies each slot's routing weight and writes the slot's row
+/// of `out` (padding rows are skipped).
+#[cube(launch_unchecked)]
+pub fn grouped_down_kernel(
+    act: &[f32],
+    sorted: &[u32],
+    block_expert: &[u32],
+    routing: &[f32],
+    down: &[f32],
+    down_bias: &[f32],
+    out: &mut [f32],
+    slots: u32,
+    hidden: u32,
+    inter: u32,
+    max_blocks: u32,
+    #[comptime] has_bias: bool,
+) {
+    let block = CUBE_POS_Y;
+    if block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
+        let weights = expert * inter * hidden;
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let thread = ty * THREADS_SIDE + tx;
+        let threads = THREADS_SIDE * THREADS_SIDE;
+        let position0 = block * TILE;
+        let column0 = CUBE_POS_X * TILE;
+        let mut xs = Shared::<[f32]>::new_slice((TILE * TILE_K) as usize);
+        let mut ws = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
+        let mut acc00 = 0.0f32;
+        let mut acc01 = 0.0f32;
+        let mut acc10 = 0.0f32;
+        let mut acc11 = 0.0f32;
+        let mut k0 = 0u32;
+        while k0 < inter {
+            for i in range_stepped(thread, TILE * TILE_K, threads) {
+                let position = position0 + i / TILE_K;
+                let k = k0 + i % TILE_K;
+                let mut value = 0.0f32;
+                if sorted[position as usize] < slots && k < inter {
+                    value = act[(position * inter + k) as usize];
+                }
+                xs[i as usize] = value;
+            }
+            for i in range_stepped(thread, TILE_K * TILE, threads) {
+                let k = k0 + i / TILE;
+                let column = column0 + i % TILE;
+                let mut w = 0.0f32;
+                if k < inter && column < hidden {
+                    w = down[(weights + k * hidden + column) as usize];
+                }
+                ws[i as usize] = w;
+            }
+            sync_cube();
+            let a0 = (ty * 2 * TILE_K) as usize;
+            let a1 = a0 + TILE_K as usize;
+            let b = (tx * 2) as usize;
+            #[unroll]
+            for kk in 0..TILE_K {
+                let x0 = xs[a0 + kk as usize];
+                let x1 = xs[a1 + kk as usize];
+                let w = kk as usize * TILE as usize + b;
+                let w0 = ws[w];
+                let w1 = ws[w + 1];
+                acc00 += x0 * w0;
+                acc01 += x0 * w1;
+                acc10 += x1 * w0;
+                acc11 += x1 * w1;
+            }
+            sync_cube();
+            k0 += TILE_K;
+        }
+        let p0 = position0 + ty * 2;
+        let c0 = column0 + tx * 2;
+        write_weighted(
+            out, sorted, routing, down_bias, expert, p0, c0, acc00, slots, hidden, has_bias,
+        );
+        write_weighted(
+            out,
+            sorted,
+            routing,
+            down_bias,
+            expert,
+            p0,
+            c0 + 1,
+            acc01,
+            slots,
+            hidden,
+            has_bias,
+        );
+        write_weighted(
+            out,
+            sorted,
+            routing,
+            down_bias,
+            expert,
+            p0 + 1,
+            c0,
+            acc10,
+            slots,
+            hidden,
+            has_bias,
+        );
+        write_weighted(
+            out,
+            sorted,
+            routing,
+            down_bias,
+            expert,
+            p0 + 1,
+            c0 + 1,
+            acc11,
+            slots,
+            hidden,
+            has_bias,
+        );
+    }
+}
+
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_weighted(
+    out: &mut [f32],
+    sorted: &[u32],
+    routing: &[f32],
+    down_bias: &[f32],
+    expert: u32,
+    position: u32,
+    column: u32,
+    acc: f32,
+    slots: u32,
+    hidden: u32,
+    #[comptime] has_bias: bool,
+) {
+    let slot = sorted[position as usize];
+    if slot < slots && column < hidden {
+        let mut value = acc;
+        if has_bias {
+            value += down_bias[(expert * hidden + column) as usize];
+        }
+        out[(slot * hidden + column) as usize] = value * routing[slot as usize];
+    }
+}

@@ -1,0 +1,289 @@
+//! MoE kernels: fused routing against the models' reference router, the fused dispatch
+//! against the reference sparse dispatch, and whole MoE models with kernels against the
+//! reference path. The kernels run on cube devices only, so these tests need `wgpu`.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moera::kernels::moe::{ExpertActivation, RoutingMethod};
+use moera::kernels::{KernelPath, with_kernel_path};
+use moera::models::moe::{Experts, RouterSpec, Routing};
+
+use crate::*;
+
+fn spec(experts: usize, top_k: usize, method: RoutingMethod, scale: f32) -> RouterSpec {
+    RouterSpec {
+        num_experts: experts,
+        top_k,
+        method,
+        scale,
+        bias: false,
+    }
+}
+
+/// Every routing method at each expert count, with top-k from 1 to all experts.
+fn routing_specs() -> Vec<RouterSpec> {
+    let mut specs = Vec::new();
+    for experts in [8usize, 64] {
+        let bias: Vec<f32> = pseudo_random(experts as u64, experts)
+            .iter()
+            .map(|v| v * 0.2)
+            .collect();
+        for top_k in [1, 2, 8, experts] {
+            let methods = [
+                (RoutingMethod::SoftmaxTopK { normalize: true }, 1.0),
+                (RoutingMethod::SoftmaxTopK { normalize: false }, 1.0),
+                (RoutingMethod::SoftmaxGroupLimited { groups: None }, 16.0),
+                (
+                    RoutingMethod::SoftmaxGroupLimited {
+                        groups: Some((4, 2)),
+                    },
+                    1.0,
+                ),
+                (
+                    RoutingMethod::SigmoidGroupLimited {
+                        groups: (4, 2),
+                        normalize: true,
+                        correction_bias: bias.clone(),
+                    },
+                    2.5,
+                ),
+                (
+                    RoutingMethod::SigmoidGroupLimited {
+                        groups: (8, 8),
+                        normalize: false,
+                        correction_bias: bias.clone(),
+                    },
+                    1.0,
+                ),
+                (RoutingMethod::TopKSoftmax, 1.0),
+            ];
+            for (method, scale) in methods {
+                let s = spec(experts, top_k, method, scale);
+                if s.validate().is_ok() {
+                    specs.push(s);
+                }
+            }
+        }
+    }
+    specs
+}
+
+/// Router logits: random rows, plus rows of exact ties (all equal; equal pairs) where the
+/// lower index must win.
+fn router_logits(tokens: usize, experts: usize) -> Vec<f32> {
+    let mut logits: Vec<f32> = pseudo_random((tokens * experts) as u64, tokens * experts)
+        .iter()
+        .map(|v| v * 3.0)
+        .collect();
+    logits[..experts].fill(0.5);
+    if tokens > 1 {
+        for (e, v) in logits[experts..2 * experts].iter_mut().enumerate() {
+            *v = (e / 2) as f32 * 0.25;
+        }
+    }
+    logits
+}
+
+#[test]
+fn routing_kernel_matches_the_reference_router_on_wgpu() {
+    let device = wgpu();
+    with_kernel_path(KernelPath::Fast, || {
+        for s in routing_specs() {
+            let (experts, k) = (s.num_experts, s.top_k);
+            for tokens in [1, 2, 37, 130] {
+                let logits = router_logits(tokens, experts);
+                let tensor = Tensor::<2>::from_data(
+                    TensorData::new(logits.clone(), [tokens, experts]),
+                    &device,
+                );
+                let (ids, weights) = moera::kernels::moe::route(tensor, &s.method, k, s.scale)
+                    .expect("the routing kernel runs on wgpu");
+                let ids = ids
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .unwrap();
+                let weights = values(weights);
+                for (t, row) in logits.chunks(experts).enumerate() {
+                    let (expected_ids, expected_weights) = s.route_token(row);
+                    let got: Vec<usize> = ids[t * k..(t + 1) * k]
+                        .iter()
+                        .map(|&i| i as usize)
+                        .collect();
+                    assert_eq!(
+                        got, expected_ids,
+                        "{:?} E{experts} k{k} token {t}: ids",
+                        s.method
+                    );
+                    let error = relative_error(&weights[t * k..(t + 1) * k], &expected_weights);
+                    assert!(
+                        error < 1e-5,
+                        "{:?} E{experts} k{k} token {t}: weights off by {error}",
+                        s.method
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// A routing of `tokens` rows: `ids` chosen by `pick(token, j)`, weights pseudo-random.
+fn routing(
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    pick: impl Fn(usize, usize) -> u32,
+) -> Routing {
+    let ids: Vec<u32> = (0..tokens * top_k)
+        .map(|s| pick(s / top_k, s % top_k))
+        .collect();
+    let weights = pseudo_random((tokens * top_k) as u64 + 99, tokens * top_k);
+    Routing {
+        num_experts: experts,
+        top_k,
+        logits: vec![0.0; tokens * experts],
+        ids,
+        weights,
+    }
+}
+
+fn experts_module(
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    gpt_oss: bool,
+    device: &Device,
+) -> Experts {
+    let scale = 1.0 / (hidden as f32).sqrt();
+    let scaled = |seed: u64, n: usize| -> Vec<f32> {
+        pseudo_random(seed, n).iter().map(|v| v * scale).collect()
+    };
+    let biases = gpt_oss.then(|| (scaled(3, experts * 2 * inter), scaled(4, experts * hidden)));
+    let activation = if gpt_oss {
+        ExpertActivation::ClampedSwiGlu {
+            alpha: 1.702,
+            limit: 0.3,
+        }
+    } else {
+        ExpertActivation::SwiGlu
+    };
+    Experts::from_stacked(
+        [experts, hidden, inter],
+        scaled(1, experts * hidden * 2 * inter),
+        scaled(2, experts * inter * hidden),
+        biases,
+        activation,
+        device,
+    )
+    .expect("experts")
+}
+
+#[test]
+fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
+    let device = wgpu();
+    // (experts, top_k, tokens, how slots pick experts): decode sizes take the GEMV, the
+    // rest the sorted grouped GEMM; hidden 40 and intermediate 24 are ragged against the
+    // 32-wide tiles.
+    type Pick = fn(usize, usize, usize) -> u32;
+    let spread: Pick = |t, j, e| ((t * 7 + j * 3 + t * j) % e) as u32;
+    let one_expert: Pick = |_, _, _| 3;
+    let every_expert: Pick = |_, j, _| j as u32;
+    let low_half: Pick = |t, j, e| ((t + j * 5) % (e / 2)) as u32 * 2;
+    let cases: &[(usize, usize, usize, Pick, &str)] = &[
+        (8, 2, 1, spread, "decode"),
+        (8, 2, 4, spread, "decode batch"),
+        (8, 2, 5, spread, "ragged prefill"),
+        (8, 2, 37, spread, "prefill"),
+        (8, 1, 70, one_expert, "every token on one expert (3 tiles)"),
+        (4, 4, 37, every_expert, "k = E"),
+        (64, 8, 33, low_half, "odd experts get no tokens"),
+        (64, 8, 3, low_half, "decode, 64 experts"),
+    ];
+    with_kernel_path(KernelPath::Fast, || {
+        for gpt_oss in [false, true] {
+            for &(experts, top_k, tokens, pick, what) in cases {
+                let (hidden, inter) = (40, 24);
+                let module = experts_module(experts, hidden, inter, gpt_oss, &device);
+                let routing = routing(tokens, experts, top_k, |t, j| pick(t, j, experts));
+                let x = pseudo_random(tokens as u64 * 5 + 1, tokens * hidden);
+                let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, hidden]), &device);
+                let ids: Vec<i32> = routing.ids.iter().map(|&i| i as i32).collect();
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(ids, [tokens, top_k]), &device);
+                let weights = Tensor::<2>::from_data(
+                    TensorData::new(routing.weights.clone(), [tokens, top_k]),
+                    &device,
+                );
+                let fused = module
+                    .forward_fused(x.clone(), ids, weights)
+                    .expect("the dispatch kernels run on wgpu");
+                let reference = module.forward_sparse(x, &routing);
+                let error = relative_error(&values(fused), &values(reference));
+                assert!(
+                    error < 1e-5,
+                    "{what} (E{experts} k{top_k} t{tokens}, GPT-OSS experts: {gpt_oss}): \
+                     relative error {error}"
+                );
+            }
+        }
+    });
+}
+
+/// Every MoE fixture, prefilled (grouped GEMM) then decoded a token at a time (GEMV), gives
+/// the same logits and expert choices with the kernels as with the reference path.
+#[test]
+fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
+    use moera::engine::Model;
+    use moera::models::LogitsMode;
+    use moera::models::nn::token_tensor;
+
+    let device = wgpu();
+    let fixtures_list = [
+        "tiny-mixtral",
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v2",
+        "tiny-deepseek-v3",
+        "tiny-gpt-oss",
+        "tiny-qwen2-moe.gguf",
+    ];
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 200).collect();
+    let run = |model: &Model| -> (Vec<f32>, Vec<(usize, Vec<u32>)>) {
+        let (mut logits, trace) = model.logits_with_routing(&prompt).expect("forward");
+        let lm = model.causal_lm();
+        let mut cache = lm.new_cache(1, prompt.len());
+        lm.forward(
+            token_tensor(&prompt[..6], 1, &device),
+            &mut cache,
+            LogitsMode::Last,
+        )
+        .expect("prefill");
+        for &id in &prompt[6..] {
+            let step = lm
+                .forward(
+                    token_tensor(&[id], 1, &device),
+                    &mut cache,
+                    LogitsMode::Last,
+                )
+                .expect("decode step");
+            let [_, _, vocab] = step.dims();
+            logits.extend(values(step.reshape([1, vocab])));
+        }
+        let choices = trace.layers.into_iter().map(|(l, r)| (l, r.ids)).collect();
+        (logits, choices)
+    };
+    for name in fixtures_list {
+        let model = Model::load_on(fixtures().join(name), &device, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (fast_logits, fast_choices) = with_kernel_path(KernelPath::Fast, || run(&model));
+        let (reference_logits, reference_choices) =
+            with_kernel_path(KernelPath::Reference, || run(&model));
+        assert!(!fast_choices.is_empty(), "{name}: no MoE layer traced");
+        assert_eq!(fast_choices, reference_choices, "{name}: expert choices");
+        let diff = fast_logits
+            .iter()
+            .zip(&reference_logits)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+    }
+}
