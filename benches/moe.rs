@@ -1,8 +1,9 @@
-//! One MoE layer's experts: the reference sparse dispatch (only the chosen experts run, on
-//! their own token rows) against running every expert on every token and masking, for
-//! tokens ∈ {1, 16, 256}, experts ∈ {8, 64}, top-k ∈ {2, 8}; hidden 1024, expert
+//! One MoE layer's experts: the fused dispatch kernels (cube devices only: counting sort,
+//! grouped GEMMs or per-slot GEMVs), the reference sparse dispatch (only the chosen experts
+//! run, on their own token rows) and running every expert on every token and masking, for
+//! tokens ∈ {1, 8, 64, 512}, experts ∈ {8, 64}, top-k ∈ {2, 8}; hidden 1024, expert
 //! intermediate 512, random weights and router logits (softmax → top-k → renormalize).
-//! Routing is computed beforehand; the timed part is the expert computation.
+//! Routing is computed beforehand; the timed part is the expert computation, read back.
 //!
 //!     RAYON_NUM_THREADS=2 cargo bench --bench moe
 //!     MOERA_DEVICE=wgpu cargo bench --bench moe --features wgpu   # or cuda
@@ -11,7 +12,7 @@
 
 use std::time::Duration;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use moera::engine::DeviceKind;
 use moera::models::moe::{ExpertActivation, Experts, RouterSpec, Routing, RoutingMethod};
@@ -70,7 +71,7 @@ fn bench(c: &mut Criterion) {
         )
         .expect("experts");
         for top_k in [2, 8] {
-            for tokens in [1, 16, 256] {
+            for tokens in [1, 8, 64, 512] {
                 let routing = routing(&mut rng, tokens, experts, top_k);
                 let x = Tensor::<2>::from_data(
                     TensorData::new(random(&mut rng, tokens * HIDDEN, 1.0), [tokens, HIDDEN]),
@@ -78,6 +79,23 @@ fn bench(c: &mut Criterion) {
                 );
                 group.throughput(Throughput::Elements(tokens as u64));
                 let id = format!("E{experts}/k{top_k}/t{tokens}");
+                if moera::kernels::moe::fused_on(&device) {
+                    let ids: Vec<i32> = routing.ids.iter().map(|&i| i as i32).collect();
+                    let ids =
+                        Tensor::<2, Int>::from_data(TensorData::new(ids, [tokens, top_k]), &device);
+                    let weights = Tensor::<2>::from_data(
+                        TensorData::new(routing.weights.clone(), [tokens, top_k]),
+                        &device,
+                    );
+                    group.bench_with_input(BenchmarkId::new("fused", &id), &x, |b, x| {
+                        b.iter(|| {
+                            layer
+                                .forward_fused(x.clone(), ids.clone(), weights.clone())
+                                .expect("fused dispatch")
+                                .into_data()
+                        })
+                    });
+                }
                 group.bench_with_input(BenchmarkId::new("sparse", &id), &x, |b, x| {
                     b.iter(|| layer.forward_sparse(x.clone(), &routing).into_data())
                 });

@@ -49,7 +49,7 @@ def main():
         gate_up = (torch.rand(experts, 2 * INTERMEDIATE, HIDDEN, generator=g) * 2 - 1) * scale
         down = (torch.rand(experts, HIDDEN, INTERMEDIATE, generator=g) * 2 - 1) * scale
         for top_k in (2, 8):
-            for tokens in (1, 16, 256):
+            for tokens in (1, 8, 64, 512):
                 x = torch.rand(tokens, HIDDEN, generator=g) * 2 - 1
                 logits = (torch.rand(tokens, experts, generator=g) * 2 - 1) * 3
                 probs = logits.softmax(-1)

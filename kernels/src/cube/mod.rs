@@ -68,6 +68,9 @@ pub trait KernelOps: burn::backend::Backend {
 /// Up to this many tokens each output element gets its own reduction over `k` (decode);
 /// above it, the tiled GEMM (prefill).
 const GEMV_MAX_TOKENS: usize = 4;
+/// The MoE dispatch takes the grouped GEMM from this many (token, k) slots per expert on
+/// average.
+const MOE_GEMM_MIN_ROWS_PER_EXPERT: usize = 4;
 
 impl KernelOps for Cube {
     fn quant_matmul(
@@ -232,7 +235,10 @@ impl KernelOps for Cube {
                 1,
             )
         };
-        if tokens <= GEMV_MAX_TOKENS {
+        // A GEMV per slot when decoding or when experts would get few rows each (tiles of
+        // mostly padding); the grouped GEMM when each expert's weights serve many rows.
+        let rows_per_expert = slots / experts.min(slots).max(1);
+        if tokens <= GEMV_MAX_TOKENS || rows_per_expert < MOE_GEMM_MIN_ROWS_PER_EXPERT {
             let act = buffer(vec![slots, inter]);
             unsafe {
                 moe::gemv_gate_up_kernel::launch_unchecked(

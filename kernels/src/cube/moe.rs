@@ -364,9 +364,15 @@ pub fn grouped_gate_up_kernel(
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
 ) {
+    // Tiles past the last segment compute nothing useful but still reach every barrier:
+    // barriers under a data-dependent branch are slow (or undefined) on some drivers.
     let block = CUBE_POS_Y;
-    if block < block_expert[max_blocks as usize] {
-        let expert = block_expert[block as usize];
+    let active = block < block_expert[max_blocks as usize];
+    let mut expert = 0u32;
+    if active {
+        expert = block_expert[block as usize];
+    }
+    {
         let width = 2 * inter;
         let weights = expert * hidden * width;
         let tx = UNIT_POS_X;
@@ -389,9 +395,12 @@ pub fn grouped_gate_up_kernel(
         let mut k0 = 0u32;
         while k0 < hidden {
             for i in range_stepped(thread, TILE * TILE_K, threads) {
-                let slot = sorted[(position0 + i / TILE_K) as usize];
                 let h = k0 + i % TILE_K;
                 let mut value = 0.0f32;
+                let mut slot = slots;
+                if active {
+                    slot = sorted[(position0 + i / TILE_K) as usize];
+                }
                 if slot < slots && h < hidden {
                     value = x[((slot / top_k) * hidden + h) as usize];
                 }
@@ -437,62 +446,64 @@ pub fn grouped_gate_up_kernel(
         }
         let p0 = position0 + ty * 2;
         let c0 = column0 + tx * 2;
-        write_activation(
-            act,
-            gate_up_bias,
-            expert,
-            p0,
-            c0,
-            g00,
-            u00,
-            inter,
-            alpha,
-            limit,
-            has_bias,
-            clamped,
-        );
-        write_activation(
-            act,
-            gate_up_bias,
-            expert,
-            p0,
-            c0 + 1,
-            g01,
-            u01,
-            inter,
-            alpha,
-            limit,
-            has_bias,
-            clamped,
-        );
-        write_activation(
-            act,
-            gate_up_bias,
-            expert,
-            p0 + 1,
-            c0,
-            g10,
-            u10,
-            inter,
-            alpha,
-            limit,
-            has_bias,
-            clamped,
-        );
-        write_activation(
-            act,
-            gate_up_bias,
-            expert,
-            p0 + 1,
-            c0 + 1,
-            g11,
-            u11,
-            inter,
-            alpha,
-            limit,
-            has_bias,
-            clamped,
-        );
+        if active {
+            write_activation(
+                act,
+                gate_up_bias,
+                expert,
+                p0,
+                c0,
+                g00,
+                u00,
+                inter,
+                alpha,
+                limit,
+                has_bias,
+                clamped,
+            );
+            write_activation(
+                act,
+                gate_up_bias,
+                expert,
+                p0,
+                c0 + 1,
+                g01,
+                u01,
+                inter,
+                alpha,
+                limit,
+                has_bias,
+                clamped,
+            );
+            write_activation(
+                act,
+                gate_up_bias,
+                expert,
+                p0 + 1,
+                c0,
+                g10,
+                u10,
+                inter,
+                alpha,
+                limit,
+                has_bias,
+                clamped,
+            );
+            write_activation(
+                act,
+                gate_up_bias,
+                expert,
+                p0 + 1,
+                c0 + 1,
+                g11,
+                u11,
+                inter,
+                alpha,
+                limit,
+                has_bias,
+                clamped,
+            );
+        }
     }
 }
 
@@ -543,8 +554,12 @@ pub fn grouped_down_kernel(
     #[comptime] has_bias: bool,
 ) {
     let block = CUBE_POS_Y;
-    if block < block_expert[max_blocks as usize] {
-        let expert = block_expert[block as usize];
+    let active = block < block_expert[max_blocks as usize];
+    let mut expert = 0u32;
+    if active {
+        expert = block_expert[block as usize];
+    }
+    {
         let weights = expert * inter * hidden;
         let tx = UNIT_POS_X;
         let ty = UNIT_POS_Y;
@@ -564,7 +579,11 @@ pub fn grouped_down_kernel(
                 let position = position0 + i / TILE_K;
                 let k = k0 + i % TILE_K;
                 let mut value = 0.0f32;
-                if sorted[position as usize] < slots && k < inter {
+                let mut slot = slots;
+                if active {
+                    slot = sorted[position as usize];
+                }
+                if slot < slots && k < inter {
                     value = act[(position * inter + k) as usize];
                 }
                 xs[i as usize] = value;
@@ -599,48 +618,50 @@ pub fn grouped_down_kernel(
         }
         let p0 = position0 + ty * 2;
         let c0 = column0 + tx * 2;
-        write_weighted(
-            out, sorted, routing, down_bias, expert, p0, c0, acc00, slots, hidden, has_bias,
-        );
-        write_weighted(
-            out,
-            sorted,
-            routing,
-            down_bias,
-            expert,
-            p0,
-            c0 + 1,
-            acc01,
-            slots,
-            hidden,
-            has_bias,
-        );
-        write_weighted(
-            out,
-            sorted,
-            routing,
-            down_bias,
-            expert,
-            p0 + 1,
-            c0,
-            acc10,
-            slots,
-            hidden,
-            has_bias,
-        );
-        write_weighted(
-            out,
-            sorted,
-            routing,
-            down_bias,
-            expert,
-            p0 + 1,
-            c0 + 1,
-            acc11,
-            slots,
-            hidden,
-            has_bias,
-        );
+        if active {
+            write_weighted(
+                out, sorted, routing, down_bias, expert, p0, c0, acc00, slots, hidden, has_bias,
+            );
+            write_weighted(
+                out,
+                sorted,
+                routing,
+                down_bias,
+                expert,
+                p0,
+                c0 + 1,
+                acc01,
+                slots,
+                hidden,
+                has_bias,
+            );
+            write_weighted(
+                out,
+                sorted,
+                routing,
+                down_bias,
+                expert,
+                p0 + 1,
+                c0,
+                acc10,
+                slots,
+                hidden,
+                has_bias,
+            );
+            write_weighted(
+                out,
+                sorted,
+                routing,
+                down_bias,
+                expert,
+                p0 + 1,
+                c0 + 1,
+                acc11,
+                slots,
+                hidden,
+                has_bias,
+            );
+        }
     }
 }
 
