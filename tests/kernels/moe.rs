@@ -181,8 +181,8 @@ fn experts_module(
 fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
     let device = wgpu();
     // (experts, top_k, tokens, how slots pick experts): decode sizes take the GEMV, the
-    // rest the sorted grouped GEMM; hidden 40 and intermediate 24 are ragged against the
-    // 32-wide tiles.
+    // rest the sorted grouped GEMM (blocks of 8 slots); hidden 40 and intermediate 24 are
+    // ragged against the 64-thread column blocks.
     type Pick = fn(usize, usize, usize) -> u32;
     let spread: Pick = |t, j, e| ((t * 7 + j * 3 + t * j) % e) as u32;
     let one_expert: Pick = |_, _, _| 3;
@@ -193,7 +193,7 @@ fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
         (8, 2, 4, spread, "decode batch"),
         (8, 2, 5, spread, "ragged prefill"),
         (8, 2, 37, spread, "prefill"),
-        (8, 1, 70, one_expert, "every token on one expert (3 tiles)"),
+        (8, 1, 70, one_expert, "every token on one expert (9 blocks)"),
         (4, 4, 37, every_expert, "k = E"),
         (64, 8, 33, low_half, "odd experts get no tokens"),
         (64, 8, 3, low_half, "decode, 64 experts"),

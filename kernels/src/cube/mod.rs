@@ -69,7 +69,7 @@ pub trait KernelOps: burn::backend::Backend {
 /// above it, the tiled GEMM (prefill).
 const GEMV_MAX_TOKENS: usize = 4;
 /// The MoE dispatch takes the grouped GEMM from this many (token, k) slots per expert on
-/// average.
+/// average (below, blocks of `moe::ROWS` would be mostly padding).
 const MOE_GEMM_MIN_ROWS_PER_EXPERT: usize = 4;
 
 impl KernelOps for Cube {
@@ -275,19 +275,16 @@ impl KernelOps for Cube {
             }
             return out;
         }
-        // Every expert's segment is padded to whole tiles: at most one partial tile per
+        // Every expert's segment is padded to whole blocks: at most one partial block per
         // expert that received a slot.
-        let tile = moe::TILE as usize;
-        let max_blocks = slots.div_ceil(tile) + experts.min(slots);
+        let rows = moe::ROWS as usize;
+        let max_blocks = slots.div_ceil(rows) + experts.min(slots);
         let counts = words(experts);
         let offsets = words(experts + 1);
         let block_expert = words(max_blocks + 1);
-        let sorted = words(max_blocks * tile);
-        let act = buffer(vec![max_blocks * tile, inter]);
+        let sorted = words(max_blocks * rows);
+        let act = buffer(vec![max_blocks * rows, inter]);
         let line_dim = CubeDim::new_1d(moe::LINE_THREADS);
-        let tile_dim = CubeDim::new_2d(moe::THREADS_SIDE, moe::THREADS_SIDE);
-        let tiles =
-            |columns: usize| CubeCount::Static(columns.div_ceil(tile) as u32, max_blocks as u32, 1);
         unsafe {
             moe::count_kernel::launch_unchecked(
                 &client,
@@ -320,8 +317,8 @@ impl KernelOps for Cube {
             );
             moe::grouped_gate_up_kernel::launch_unchecked(
                 &client,
-                tiles(inter),
-                tile_dim,
+                line(inter, max_blocks),
+                line_dim,
                 x.into_buffer_arg(),
                 sorted.clone().into_buffer_arg(),
                 block_expert.clone().into_buffer_arg(),
@@ -340,8 +337,8 @@ impl KernelOps for Cube {
             );
             moe::grouped_down_kernel::launch_unchecked(
                 &client,
-                tiles(hidden),
-                tile_dim,
+                line(hidden, max_blocks),
+                line_dim,
                 act.into_buffer_arg(),
                 sorted.into_buffer_arg(),
                 block_expert.into_buffer_arg(),

@@ -1,6 +1,6 @@
 //! Mixture-of-experts kernels: fused top-k routing, the counting sort of (token, k) slots by
-//! expert, and the grouped expert GEMMs (decode: a GEMV per slot; prefill: tiles over the
-//! sorted, block-padded segments).
+//! expert, and the grouped expert GEMMs (decode: a GEMV per slot; prefill: blocks of
+//! `ROWS` sorted slots × one column per thread over the block-padded segments).
 
 use cubecl::prelude::*;
 
@@ -14,12 +14,10 @@ pub const TOP_K_SOFTMAX: u32 = 3;
 pub const ROUTE_THREADS: u32 = 64;
 /// Threads per cube of the one-thread-per-column kernels (counting, GEMV).
 pub const LINE_THREADS: u32 = 64;
-/// Grouped GEMM: `TILE` sorted slots × `TILE` output columns per cube, `TILE_K` deep per
-/// step, each of the `THREADS_SIDE²` threads computing a 2 × 2 block. `TILE` is also the
-/// block every expert's segment is padded to.
-pub const TILE: u32 = 32;
-pub const TILE_K: u32 = 32;
-pub const THREADS_SIDE: u32 = 16;
+/// Sorted slots per block of the grouped kernels: every expert's segment is padded to a
+/// multiple of it, and each thread of a block computes one output column for all of them,
+/// so one weight read feeds `ROWS` multiply-adds.
+pub const ROWS: u32 = 8;
 
 /// Below every biased sigmoid score: the choice value of experts outside the kept groups
 /// (and the empty second place of a group). A mutable variable starting from it needs
@@ -296,8 +294,8 @@ pub fn count_kernel(ids: &[u32], counts: &mut [u32], slots: u32, experts: u32) {
 }
 
 /// Padded prefix sum (one thread; `experts` steps): `offsets[e]` is where expert `e`'s
-/// segment starts, each segment padded to a multiple of [`TILE`]; `block_expert[b]` names
-/// the expert of tile `b`, and `block_expert[max_blocks]` holds the number of tiles.
+/// segment starts, each segment padded to a multiple of [`ROWS`]; `block_expert[b]` names
+/// the expert of block `b`, and `block_expert[max_blocks]` holds the number of blocks.
 #[cube(launch_unchecked)]
 pub fn offsets_kernel(
     counts: &[u32],
@@ -310,14 +308,14 @@ pub fn offsets_kernel(
         let mut start = 0u32;
         for e in 0..experts {
             offsets[e as usize] = start;
-            let blocks = counts[e as usize].div_ceil(TILE);
+            let blocks = counts[e as usize].div_ceil(ROWS);
             for b in 0..blocks {
-                block_expert[(start / TILE + b) as usize] = e;
+                block_expert[(start / ROWS + b) as usize] = e;
             }
-            start += blocks * TILE;
+            start += blocks * ROWS;
         }
         offsets[experts as usize] = start;
-        block_expert[max_blocks as usize] = start / TILE;
+        block_expert[max_blocks as usize] = start / ROWS;
     }
 }
 
@@ -342,10 +340,12 @@ pub fn scatter_kernel(ids: &[u32], offsets: &[u32], sorted: &mut [u32], slots: u
     }
 }
 
-/// Prefill, gate/up: tile `b` of the sorted slots (all one expert's) times that expert's
-/// gate and up columns. The prologue gathers the slots' token rows of `x` straight into
-/// shared memory (no permuted copy); the epilogue applies the activation and writes
-/// `act[position, column]` in sorted order.
+/// Prefill, gate/up: block `b` of the sorted slots (`ROWS` of them, all one expert's) times
+/// that expert's gate and up weights, one intermediate column per thread. Each weight read
+/// (coalesced across the threads) feeds `ROWS` multiply-adds; the slots' token rows of `x`
+/// are gathered where they are read (no permuted copy), and the activation is applied
+/// before writing `act[position, column]` in sorted order. Padding rows compute on row 0
+/// and are not written.
 #[cube(launch_unchecked)]
 pub fn grouped_gate_up_kernel(
     x: &[f32],
@@ -364,180 +364,59 @@ pub fn grouped_gate_up_kernel(
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
 ) {
-    // Tiles past the last segment compute nothing useful but still reach every barrier:
-    // barriers under a data-dependent branch are slow (or undefined) on some drivers.
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
     let block = CUBE_POS_Y;
-    let active = block < block_expert[max_blocks as usize];
-    let mut expert = 0u32;
-    if active {
-        expert = block_expert[block as usize];
-    }
-    {
+    if column < inter && block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
         let width = 2 * inter;
-        let weights = expert * hidden * width;
-        let tx = UNIT_POS_X;
-        let ty = UNIT_POS_Y;
-        let thread = ty * THREADS_SIDE + tx;
-        let threads = THREADS_SIDE * THREADS_SIDE;
-        let position0 = block * TILE;
-        let column0 = CUBE_POS_X * TILE;
-        let mut xs = Shared::<[f32]>::new_slice((TILE * TILE_K) as usize);
-        let mut gates = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
-        let mut ups = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
-        let mut g00 = 0.0f32;
-        let mut g01 = 0.0f32;
-        let mut g10 = 0.0f32;
-        let mut g11 = 0.0f32;
-        let mut u00 = 0.0f32;
-        let mut u01 = 0.0f32;
-        let mut u10 = 0.0f32;
-        let mut u11 = 0.0f32;
-        let mut k0 = 0u32;
-        while k0 < hidden {
-            for i in range_stepped(thread, TILE * TILE_K, threads) {
-                let h = k0 + i % TILE_K;
-                let mut value = 0.0f32;
-                let mut slot = slots;
-                if active {
-                    slot = sorted[(position0 + i / TILE_K) as usize];
-                }
-                if slot < slots && h < hidden {
-                    value = x[((slot / top_k) * hidden + h) as usize];
-                }
-                xs[i as usize] = value;
-            }
-            for i in range_stepped(thread, TILE_K * TILE, threads) {
-                let h = k0 + i / TILE;
-                let column = column0 + i % TILE;
-                let mut gate = 0.0f32;
-                let mut up = 0.0f32;
-                if h < hidden && column < inter {
-                    let w = weights + h * width + column;
-                    gate = gate_up[w as usize];
-                    up = gate_up[(w + inter) as usize];
-                }
-                gates[i as usize] = gate;
-                ups[i as usize] = up;
-            }
-            sync_cube();
-            let a0 = (ty * 2 * TILE_K) as usize;
-            let a1 = a0 + TILE_K as usize;
-            let b = (tx * 2) as usize;
+        let weights = expert * hidden * width + column;
+        let position0 = block * ROWS;
+        let mut rows = Array::<u32>::new(ROWS as usize);
+        let mut gate = Array::<f32>::new(ROWS as usize);
+        let mut up = Array::<f32>::new(ROWS as usize);
+        #[unroll]
+        for r in 0..ROWS {
+            let slot = sorted[(position0 + r) as usize];
+            rows[r as usize] = select(slot < slots, (slot / top_k) * hidden, 0u32);
+            gate[r as usize] = 0.0f32;
+            up[r as usize] = 0.0f32;
+        }
+        for h in 0..hidden {
+            let w = weights + h * width;
+            let g = gate_up[w as usize];
+            let u = gate_up[(w + inter) as usize];
             #[unroll]
-            for kk in 0..TILE_K {
-                let x0 = xs[a0 + kk as usize];
-                let x1 = xs[a1 + kk as usize];
-                let w = kk as usize * TILE as usize + b;
-                let gw0 = gates[w];
-                let gw1 = gates[w + 1];
-                let uw0 = ups[w];
-                let uw1 = ups[w + 1];
-                g00 += x0 * gw0;
-                g01 += x0 * gw1;
-                g10 += x1 * gw0;
-                g11 += x1 * gw1;
-                u00 += x0 * uw0;
-                u01 += x0 * uw1;
-                u10 += x1 * uw0;
-                u11 += x1 * uw1;
+            for r in 0..ROWS {
+                let xv = x[(rows[r as usize] + h) as usize];
+                gate[r as usize] += xv * g;
+                up[r as usize] += xv * u;
             }
-            sync_cube();
-            k0 += TILE_K;
         }
-        let p0 = position0 + ty * 2;
-        let c0 = column0 + tx * 2;
-        if active {
-            write_activation(
-                act,
-                gate_up_bias,
-                expert,
-                p0,
-                c0,
-                g00,
-                u00,
-                inter,
-                alpha,
-                limit,
-                has_bias,
-                clamped,
-            );
-            write_activation(
-                act,
-                gate_up_bias,
-                expert,
-                p0,
-                c0 + 1,
-                g01,
-                u01,
-                inter,
-                alpha,
-                limit,
-                has_bias,
-                clamped,
-            );
-            write_activation(
-                act,
-                gate_up_bias,
-                expert,
-                p0 + 1,
-                c0,
-                g10,
-                u10,
-                inter,
-                alpha,
-                limit,
-                has_bias,
-                clamped,
-            );
-            write_activation(
-                act,
-                gate_up_bias,
-                expert,
-                p0 + 1,
-                c0 + 1,
-                g11,
-                u11,
-                inter,
-                alpha,
-                limit,
-                has_bias,
-                clamped,
-            );
-        }
-    }
-}
-
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn write_activation(
-    act: &mut [f32],
-    gate_up_bias: &[f32],
-    expert: u32,
-    position: u32,
-    column: u32,
-    gate: f32,
-    up: f32,
-    inter: u32,
-    alpha: f32,
-    limit: f32,
-    #[comptime] has_bias: bool,
-    #[comptime] clamped: bool,
-) {
-    if column < inter {
-        let mut g = gate;
-        let mut u = up;
+        let mut gate_bias = 0.0f32;
+        let mut up_bias = 0.0f32;
         if has_bias {
-            let row = expert * 2 * inter;
-            g += gate_up_bias[(row + column) as usize];
-            u += gate_up_bias[(row + inter + column) as usize];
+            gate_bias = gate_up_bias[(expert * width + column) as usize];
+            up_bias = gate_up_bias[(expert * width + inter + column) as usize];
         }
-        act[(position * inter + column) as usize] = activate(g, u, alpha, limit, clamped);
+        #[unroll]
+        for r in 0..ROWS {
+            let position = position0 + r;
+            if sorted[position as usize] < slots {
+                act[(position * inter + column) as usize] = activate(
+                    gate[r as usize] + gate_bias,
+                    up[r as usize] + up_bias,
+                    alpha,
+                    limit,
+                    clamped,
+                );
+            }
+        }
     }
 }
 
-/// Prefill, down: tile `b` of the sorted activations times its expert's `[I, H]` columns;
-/// the epilogue adds the bias, applies each slot's routing weight and writes the slot's row
-/// of `out` (padding rows are skipped).
+/// Prefill, down: block `b` of the sorted activations times its expert's `[I, H]` weights,
+/// one hidden column per thread; the bias and each slot's routing weight are applied
+/// before writing the slot's row of `out` (padding rows are skipped).
 #[cube(launch_unchecked)]
 pub fn grouped_down_kernel(
     act: &[f32],
@@ -553,139 +432,35 @@ pub fn grouped_down_kernel(
     max_blocks: u32,
     #[comptime] has_bias: bool,
 ) {
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
     let block = CUBE_POS_Y;
-    let active = block < block_expert[max_blocks as usize];
-    let mut expert = 0u32;
-    if active {
-        expert = block_expert[block as usize];
-    }
-    {
-        let weights = expert * inter * hidden;
-        let tx = UNIT_POS_X;
-        let ty = UNIT_POS_Y;
-        let thread = ty * THREADS_SIDE + tx;
-        let threads = THREADS_SIDE * THREADS_SIDE;
-        let position0 = block * TILE;
-        let column0 = CUBE_POS_X * TILE;
-        let mut xs = Shared::<[f32]>::new_slice((TILE * TILE_K) as usize);
-        let mut ws = Shared::<[f32]>::new_slice((TILE_K * TILE) as usize);
-        let mut acc00 = 0.0f32;
-        let mut acc01 = 0.0f32;
-        let mut acc10 = 0.0f32;
-        let mut acc11 = 0.0f32;
-        let mut k0 = 0u32;
-        while k0 < inter {
-            for i in range_stepped(thread, TILE * TILE_K, threads) {
-                let position = position0 + i / TILE_K;
-                let k = k0 + i % TILE_K;
-                let mut value = 0.0f32;
-                let mut slot = slots;
-                if active {
-                    slot = sorted[position as usize];
-                }
-                if slot < slots && k < inter {
-                    value = act[(position * inter + k) as usize];
-                }
-                xs[i as usize] = value;
-            }
-            for i in range_stepped(thread, TILE_K * TILE, threads) {
-                let k = k0 + i / TILE;
-                let column = column0 + i % TILE;
-                let mut w = 0.0f32;
-                if k < inter && column < hidden {
-                    w = down[(weights + k * hidden + column) as usize];
-                }
-                ws[i as usize] = w;
-            }
-            sync_cube();
-            let a0 = (ty * 2 * TILE_K) as usize;
-            let a1 = a0 + TILE_K as usize;
-            let b = (tx * 2) as usize;
+    if column < hidden && block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
+        let weights = expert * inter * hidden + column;
+        let position0 = block * ROWS;
+        let mut acc = Array::<f32>::new(ROWS as usize);
+        #[unroll]
+        for r in 0..ROWS {
+            acc[r as usize] = 0.0f32;
+        }
+        for i in 0..inter {
+            let w = down[(weights + i * hidden) as usize];
             #[unroll]
-            for kk in 0..TILE_K {
-                let x0 = xs[a0 + kk as usize];
-                let x1 = xs[a1 + kk as usize];
-                let w = kk as usize * TILE as usize + b;
-                let w0 = ws[w];
-                let w1 = ws[w + 1];
-                acc00 += x0 * w0;
-                acc01 += x0 * w1;
-                acc10 += x1 * w0;
-                acc11 += x1 * w1;
+            for r in 0..ROWS {
+                acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
             }
-            sync_cube();
-            k0 += TILE_K;
         }
-        let p0 = position0 + ty * 2;
-        let c0 = column0 + tx * 2;
-        if active {
-            write_weighted(
-                out, sorted, routing, down_bias, expert, p0, c0, acc00, slots, hidden, has_bias,
-            );
-            write_weighted(
-                out,
-                sorted,
-                routing,
-                down_bias,
-                expert,
-                p0,
-                c0 + 1,
-                acc01,
-                slots,
-                hidden,
-                has_bias,
-            );
-            write_weighted(
-                out,
-                sorted,
-                routing,
-                down_bias,
-                expert,
-                p0 + 1,
-                c0,
-                acc10,
-                slots,
-                hidden,
-                has_bias,
-            );
-            write_weighted(
-                out,
-                sorted,
-                routing,
-                down_bias,
-                expert,
-                p0 + 1,
-                c0 + 1,
-                acc11,
-                slots,
-                hidden,
-                has_bias,
-            );
-        }
-    }
-}
-
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn write_weighted(
-    out: &mut [f32],
-    sorted: &[u32],
-    routing: &[f32],
-    down_bias: &[f32],
-    expert: u32,
-    position: u32,
-    column: u32,
-    acc: f32,
-    slots: u32,
-    hidden: u32,
-    #[comptime] has_bias: bool,
-) {
-    let slot = sorted[position as usize];
-    if slot < slots && column < hidden {
-        let mut value = acc;
+        let mut bias = 0.0f32;
         if has_bias {
-            value += down_bias[(expert * hidden + column) as usize];
+            bias = down_bias[(expert * hidden + column) as usize];
         }
-        out[(slot * hidden + column) as usize] = value * routing[slot as usize];
+        #[unroll]
+        for r in 0..ROWS {
+            let slot = sorted[(position0 + r) as usize];
+            if slot < slots {
+                out[(slot * hidden + column) as usize] =
+                    (acc[r as usize] + bias) * routing[slot as usize];
+            }
+        }
     }
 }
