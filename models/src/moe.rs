@@ -322,6 +322,17 @@ impl Router {
 }
 
 impl Routing {
+    /// The ids (as i32) and weights `[tokens, top_k]` on `device`, as the fused dispatch
+    /// takes them.
+    pub fn to_device(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
+        let shape = [self.tokens(), self.top_k];
+        let ids: Vec<i32> = self.ids.iter().map(|&i| i as i32).collect();
+        (
+            Tensor::from_data(TensorData::new(ids, shape), device),
+            Tensor::from_data(TensorData::new(self.weights.clone(), shape), device),
+        )
+    }
+
     /// Reads a routing computed on the device back to the host.
     pub fn from_device(
         logits: Tensor<2>,

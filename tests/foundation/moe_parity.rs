@@ -286,3 +286,59 @@ fn dense_qwen2_with_a_sliding_layer_matches_transformers() {
 fn dense_qwen3_with_tied_head_matches_transformers() {
     check_moe_parity("tiny-qwen3", &flex());
 }
+
+/// Every MoE fixture, prefilled (grouped GEMM) then decoded a token at a time (GEMV), gives
+/// the same logits and expert choices with the kernels as with the reference path.
+#[cfg(feature = "wgpu")]
+#[test]
+fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
+    use moera::kernels::{KernelPath, with_kernel_path};
+
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 200).collect();
+    let run = |model: &Model| -> (Vec<f32>, Vec<(usize, Vec<u32>)>) {
+        let (mut logits, trace) = model.logits_with_routing(&prompt).expect("forward");
+        let lm = model.causal_lm();
+        let mut cache = lm.new_cache(1, prompt.len());
+        lm.forward(
+            token_tensor(&prompt[..6], 1, &device),
+            &mut cache,
+            LogitsMode::Last,
+        )
+        .expect("prefill");
+        for &id in &prompt[6..] {
+            let step = lm
+                .forward(
+                    token_tensor(&[id], 1, &device),
+                    &mut cache,
+                    LogitsMode::Last,
+                )
+                .expect("decode step");
+            let [_, _, vocab] = step.dims();
+            logits.extend(
+                step.reshape([vocab])
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .unwrap(),
+            );
+        }
+        let choices = trace.layers.into_iter().map(|(l, r)| (l, r.ids)).collect();
+        (logits, choices)
+    };
+    for name in MOE_FIXTURES.iter().chain(&["tiny-qwen2-moe.gguf"]) {
+        let model = Model::load_on(fixtures().join(name), &device, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (fast_logits, fast_choices) = with_kernel_path(KernelPath::Fast, || run(&model));
+        let (reference_logits, reference_choices) =
+            with_kernel_path(KernelPath::Reference, || run(&model));
+        assert!(!fast_choices.is_empty(), "{name}: no MoE layer traced");
+        assert_eq!(fast_choices, reference_choices, "{name}: expert choices");
+        let diff = fast_logits
+            .iter()
+            .zip(&reference_logits)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+    }
+}
