@@ -110,14 +110,24 @@ fn check_against_reference(device: &Device) {
 }
 
 fn check_sweep(device: &Device) {
+    let on_cpu = !cfg!(feature = "wgpu") || *device == Device::flex();
     for matrix in sweep() {
         let (format, rows, cols) = (matrix.format, matrix.rows, matrix.cols);
+        // The CPU decodes 4-bit blocks of 32 with 8-bit activations (llama.cpp's scheme):
+        // checked against the rounding bound below instead of f32 round-off.
+        let int8_activations = on_cpu && format.code_bits() == 4 && matrix.group.is_multiple_of(32);
+        let weights = matrix.dequantize();
         let linear = QuantLinear::new(matrix, device);
         for tokens in [1, 3, 5, 37] {
             let x = pseudo_random((tokens * 31 + cols) as u64, tokens * cols);
+            let x_host = x.clone();
             let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, cols]), device);
             let fast = values(linear.forward(x.clone()));
             let reference = values(linear.reference(x));
+            if int8_activations && tokens == 1 {
+                check_activation_rounding(&fast, &reference, &weights, &x_host, cols);
+                continue;
+            }
             let error = relative_error(&fast, &reference);
             assert!(
                 error < 1e-5,
@@ -125,6 +135,41 @@ fn check_sweep(device: &Device) {
             );
         }
     }
+}
+
+/// Rounding `x` to 8 bits per block of 32 (`d = max|x| / 127`, error ≤ `d/2` per value)
+/// moves output row `r` by at most `Σ_j |w_rj|·d_j/2`: every row stays inside that bound,
+/// and on average far inside it (the errors are not all of one sign).
+fn check_activation_rounding(
+    fast: &[f32],
+    reference: &[f32],
+    weights: &[f32],
+    x: &[f32],
+    cols: usize,
+) {
+    let half_steps: Vec<f32> = x
+        .chunks(32)
+        .flat_map(|block| {
+            let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            std::iter::repeat_n(d / 2.0, block.len())
+        })
+        .collect();
+    let mut error_sum = 0.0;
+    let mut bound_sum = 0.0;
+    for (r, row) in weights.chunks(cols).enumerate() {
+        let bound: f32 = row.iter().zip(&half_steps).map(|(w, h)| w.abs() * h).sum();
+        let error = (fast[r] - reference[r]).abs();
+        assert!(
+            error <= bound * 1.001 + 1e-5,
+            "row {r}: error {error} over the rounding bound {bound}"
+        );
+        error_sum += error;
+        bound_sum += bound;
+    }
+    assert!(
+        error_sum < 0.5 * bound_sum,
+        "mean error {error_sum} against the bounds' {bound_sum}"
+    );
 }
 
 #[test]
