@@ -71,16 +71,27 @@ pub fn fused_on(device: &burn::tensor::Device) -> bool {
 
 /// Routes router logits `[tokens, experts]` in one launch: chosen ids `[tokens, top_k]`
 /// (best first, ties to the lower index) and their weights (renormalized as `method` says,
-/// times `scale`). `None` where no kernel runs (see [`fused_on`]) or the method keeps more
-/// than 32 groups.
+/// times `scale`). `device_bias` is the sigmoid method's correction bias already on the
+/// device (kept by the caller so it is not uploaded per call); without it the bias is
+/// uploaded from `method`. `None` where no kernel runs (see [`fused_on`]) or the method
+/// keeps more than 32 groups.
 pub fn route(
     logits: Tensor<2>,
     method: &RoutingMethod,
     top_k: usize,
     scale: f32,
+    device_bias: Option<&Tensor<1>>,
 ) -> Option<(Tensor<2, Int>, Tensor<2>)> {
     if !fused_on(&logits.device()) {
         return None;
+    }
+    let [tokens, _] = logits.dims();
+    if tokens == 0 {
+        let device = logits.device();
+        return Some((
+            Tensor::zeros([0, top_k], &device),
+            Tensor::zeros([0, top_k], &device),
+        ));
     }
     #[cfg(feature = "cube")]
     {
@@ -98,7 +109,9 @@ pub fn route(
                 normalize,
                 correction_bias,
             } => {
-                let bias = Tensor::<1>::from_data(correction_bias.as_slice(), &device);
+                let bias = device_bias
+                    .cloned()
+                    .unwrap_or_else(|| Tensor::<1>::from_data(correction_bias.as_slice(), &device));
                 (codes::SIGMOID_GROUPS, *groups, *normalize, Some(bias))
             }
             RoutingMethod::TopKSoftmax => (codes::TOP_K_SOFTMAX, (1, 1), false, None),
@@ -113,7 +126,7 @@ pub fn route(
     }
     #[cfg(not(feature = "cube"))]
     {
-        let _ = (method, top_k, scale);
+        let _ = (method, top_k, scale, device_bias);
         None
     }
 }
@@ -129,6 +142,10 @@ pub fn dispatch(
 ) -> Option<Tensor<2>> {
     if !fused_on(&x.device()) {
         return None;
+    }
+    let [tokens, hidden] = x.dims();
+    if tokens == 0 {
+        return Some(Tensor::zeros([0, hidden], &x.device()));
     }
     #[cfg(feature = "cube")]
     {

@@ -122,6 +122,9 @@ pub struct Router {
     gate: Linear,
     #[module(skip)]
     spec: RouterSpec,
+    /// DeepSeek-V3's correction bias on the device, for the routing kernel.
+    #[module(skip)]
+    correction_bias: Option<Tensor<1>>,
 }
 
 /// Indices of the `k` largest values, best first (ties: the lower index).
@@ -272,9 +275,16 @@ impl Router {
         } else {
             None
         };
+        let correction_bias = match &spec.method {
+            RoutingMethod::SigmoidGroupLimited {
+                correction_bias, ..
+            } => Some(Tensor::from_data(correction_bias.as_slice(), device)),
+            _ => None,
+        };
         Ok(Self {
             gate: Linear::from_hf_weight(&weight, bias, device),
             spec,
+            correction_bias,
         })
     }
 
@@ -317,7 +327,13 @@ impl Router {
     /// Routes router logits with the fused kernel, leaving ids and weights on the device;
     /// `None` where the kernel does not run (see [`moera_kernels::moe::fused_on`]).
     pub fn route_on_device(&self, logits: Tensor<2>) -> Option<(Tensor<2, Int>, Tensor<2>)> {
-        moera_kernels::moe::route(logits, &self.spec.method, self.spec.top_k, self.spec.scale)
+        moera_kernels::moe::route(
+            logits,
+            &self.spec.method,
+            self.spec.top_k,
+            self.spec.scale,
+            self.correction_bias.as_ref(),
+        )
     }
 }
 

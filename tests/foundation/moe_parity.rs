@@ -89,14 +89,12 @@ fn check_routing(name: &str, model: &Model, prompt: &[u32], reference: &Referenc
     }
 }
 
-/// The prompt fed as a prefill of 5 then one token at a time through the KV cache gives
-/// transformers' full-sequence logits.
-fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f64]) {
+/// Logits of every prompt position, from a prefill of `prefill` tokens and then one token
+/// at a time through the KV cache.
+fn cached_logits(model: &Model, prompt: &[u32], prefill: usize) -> Vec<f32> {
     let lm = model.causal_lm();
     let device = lm.device();
     let mut cache = lm.new_cache(1, prompt.len());
-    let vocab = lm.vocab_size();
-    let prefill = 5;
     let mut logits = Vec::new();
     let first = lm
         .forward(
@@ -116,7 +114,14 @@ fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f6
             .expect("decode step");
         logits.extend(step.into_data().try_into_vec::<f32>().unwrap());
     }
-    assert_eq!(logits.len(), prompt.len() * vocab);
+    logits
+}
+
+/// The prompt fed as a prefill of 5 then one token at a time through the KV cache gives
+/// transformers' full-sequence logits.
+fn check_cached_decode(name: &str, model: &Model, prompt: &[u32], expected: &[f64]) {
+    let logits = cached_logits(model, prompt, 5);
+    assert_eq!(logits.len(), prompt.len() * model.causal_lm().vocab_size());
     let diff = max_abs_diff(&logits, expected);
     assert!(
         diff < LOGITS_TOLERANCE,
@@ -300,30 +305,7 @@ fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 200).collect();
     let run = |model: &Model| -> (Vec<f32>, Vec<(usize, Vec<u32>)>) {
         let (mut logits, trace) = model.logits_with_routing(&prompt).expect("forward");
-        let lm = model.causal_lm();
-        let mut cache = lm.new_cache(1, prompt.len());
-        lm.forward(
-            token_tensor(&prompt[..6], 1, &device),
-            &mut cache,
-            LogitsMode::Last,
-        )
-        .expect("prefill");
-        for &id in &prompt[6..] {
-            let step = lm
-                .forward(
-                    token_tensor(&[id], 1, &device),
-                    &mut cache,
-                    LogitsMode::Last,
-                )
-                .expect("decode step");
-            let [_, _, vocab] = step.dims();
-            logits.extend(
-                step.reshape([vocab])
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .unwrap(),
-            );
-        }
+        logits.extend(cached_logits(model, &prompt, 6));
         let choices = trace.layers.into_iter().map(|(l, r)| (l, r.ids)).collect();
         (logits, choices)
     };

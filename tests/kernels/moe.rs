@@ -95,8 +95,9 @@ fn routing_kernel_matches_the_reference_router_on_wgpu() {
                     TensorData::new(logits.clone(), [tokens, experts]),
                     &device,
                 );
-                let (ids, weights) = moera::kernels::moe::route(tensor, &s.method, k, s.scale)
-                    .expect("the routing kernel runs on wgpu");
+                let (ids, weights) =
+                    moera::kernels::moe::route(tensor, &s.method, k, s.scale, None)
+                        .expect("the routing kernel runs on wgpu");
                 let ids = ids
                     .into_data()
                     .convert::<i64>()

@@ -387,7 +387,8 @@ pub fn moe_route(
     method: u32,
     normalize: bool,
 ) -> (Tensor<2, Int>, Tensor<2>) {
-    let correction_bias = correction_bias.unwrap_or_else(|| Tensor::zeros([1], &logits.device()));
+    // Only the sigmoid method reads the bias: otherwise any buffer stands in (no allocation).
+    let correction_bias = correction_bias.unwrap_or_else(|| logits.clone().reshape([-1]));
     let (ids, weights) = <Dispatch as KernelOps>::moe_route(
         logits.into_dispatch(),
         correction_bias.into_dispatch(),
@@ -423,10 +424,15 @@ pub fn moe_experts(
     // One bias without the other reads zeros for the missing one.
     let has_bias = gate_up_bias.is_some() || down_bias.is_some();
     let [experts, _, width] = gate_up.dims();
-    let zeros =
-        |shape: [usize; 2]| Tensor::<2>::zeros(if has_bias { shape } else { [1, 1] }, &device);
-    let gate_up_bias = gate_up_bias.unwrap_or_else(|| zeros([experts, width]));
-    let down_bias = down_bias.unwrap_or_else(|| zeros([experts, hidden]));
+    // Without biases the kernels read none, and `x` stands in for both (no allocation).
+    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device);
+    let (gate_up_bias, down_bias) = match (gate_up_bias, down_bias) {
+        (None, None) => (x.clone(), x.clone()),
+        (gate_up_bias, down_bias) => (
+            gate_up_bias.unwrap_or_else(|| zeros([experts, width])),
+            down_bias.unwrap_or_else(|| zeros([experts, hidden])),
+        ),
+    };
     let slots = <Dispatch as KernelOps>::moe_experts(
         x.into_dispatch(),
         ids.into_dispatch(),
