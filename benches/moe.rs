@@ -3,10 +3,13 @@
 //! run, on their own token rows) and running every expert on every token and masking, for
 //! tokens ∈ {1, 8, 64, 512}, experts ∈ {8, 64}, top-k ∈ {2, 8}; hidden 1024, expert
 //! intermediate 512, random weights and router logits (softmax → top-k → renormalize).
+//! The `-int4` variants hold the experts in int4 (groups of 32 with a min): the fused
+//! kernels decode them in place, the reference dequantizes each chosen expert (on flex:
+//! the rayon dequant-matmul per expert).
 //! Routing is computed beforehand; the timed part is the expert computation, read back,
 //! then a device sync (without it some wgpu samples returned before the queue drained and
-//! later ones paid for them). On wgpu, E = 64 is skipped: its stacked gate/up weights are
-//! one 256 MiB buffer, more than lavapipe allocates.
+//! later ones paid for them). On wgpu, f32 E = 64 is skipped: its stacked gate/up weights
+//! are one 256 MiB buffer, more than lavapipe allocates (int4: 36 MiB, run).
 //!
 //!     RAYON_NUM_THREADS=2 cargo bench --bench moe
 //!     MOERA_DEVICE=wgpu cargo bench --bench moe --features wgpu   # or cuda
@@ -18,6 +21,7 @@ use std::time::Duration;
 use burn::tensor::{Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use moera::engine::DeviceKind;
+use moera::kernels::{QuantFormat, QuantizedMatrix};
 use moera::models::moe::{ExpertActivation, Experts, RouterSpec, Routing, RoutingMethod};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -72,22 +76,40 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     for experts in [8, 64] {
-        // lavapipe cannot allocate the 256 MiB stacked gate/up tensor of 64 experts.
-        let stacked_bytes = experts * HIDDEN * 2 * INTERMEDIATE * 4;
-        if device_is_wgpu && stacked_bytes >= 256 << 20 {
-            eprintln!("skipping E{experts} on wgpu: {stacked_bytes} bytes in one buffer");
-            continue;
-        }
         let scale = 1.0 / (HIDDEN as f32).sqrt();
-        let layer = Experts::from_stacked(
-            [experts, HIDDEN, INTERMEDIATE],
-            random(&mut rng, experts * HIDDEN * 2 * INTERMEDIATE, scale),
-            random(&mut rng, experts * INTERMEDIATE * HIDDEN, scale),
-            None,
-            ExpertActivation::SwiGlu,
-            &device,
-        )
-        .expect("experts");
+        let shape = [experts, HIDDEN, INTERMEDIATE];
+        // The same sizes with int4 weights (groups of 32 with a min), in the kernels'
+        // `[E·2I, H]` / `[E·H, I]` layout.
+        let int4 = QuantFormat::Int4 {
+            group: 32,
+            asymmetric: true,
+        };
+        let quantized = |rng: &mut StdRng, rows: usize, cols: usize| {
+            let weights = random(rng, rows * cols, scale);
+            QuantizedMatrix::quantize(int4, &weights, rows, cols).expect("int4")
+        };
+        let gate_up = quantized(&mut rng, experts * 2 * INTERMEDIATE, HIDDEN);
+        let down = quantized(&mut rng, experts * HIDDEN, INTERMEDIATE);
+        let int4_layer =
+            Experts::from_quantized(shape, gate_up, down, ExpertActivation::SwiGlu, &device)
+                .expect("int4 experts");
+        // lavapipe cannot allocate the 256 MiB stacked f32 gate/up tensor of 64 experts.
+        let stacked_bytes = experts * HIDDEN * 2 * INTERMEDIATE * 4;
+        let f32_layer = if device_is_wgpu && stacked_bytes >= 256 << 20 {
+            eprintln!("skipping f32 E{experts} on wgpu: {stacked_bytes} bytes in one buffer");
+            None
+        } else {
+            let layer = Experts::from_stacked(
+                shape,
+                random(&mut rng, experts * HIDDEN * 2 * INTERMEDIATE, scale),
+                random(&mut rng, experts * INTERMEDIATE * HIDDEN, scale),
+                None,
+                ExpertActivation::SwiGlu,
+                &device,
+            )
+            .expect("experts");
+            Some(layer)
+        };
         for top_k in [2, 8] {
             for tokens in [1, 8, 64, 512] {
                 let routing = routing(&mut rng, tokens, experts, top_k);
@@ -97,30 +119,38 @@ fn bench(c: &mut Criterion) {
                 );
                 group.throughput(Throughput::Elements(tokens as u64));
                 let id = format!("E{experts}/k{top_k}/t{tokens}");
-                if moera::kernels::moe::fused_on(&device) {
-                    let (ids, weights) = routing.to_device(&device);
-                    group.bench_with_input(BenchmarkId::new("fused", &id), &x, |b, x| {
+                let layers = [("", f32_layer.as_ref()), ("-int4", Some(&int4_layer))];
+                for (suffix, layer) in layers {
+                    let Some(layer) = layer else { continue };
+                    if moera::kernels::moe::fused_on(&device) {
+                        let (ids, weights) = routing.to_device(&device);
+                        let name = format!("fused{suffix}");
+                        group.bench_with_input(BenchmarkId::new(name, &id), &x, |b, x| {
+                            b.iter(|| {
+                                layer
+                                    .forward_fused(fresh(x), ids.clone(), weights.clone())
+                                    .expect("fused dispatch")
+                                    .into_data();
+                                device.sync().expect("device sync")
+                            })
+                        });
+                    }
+                    let name = format!("sparse{suffix}");
+                    group.bench_with_input(BenchmarkId::new(name, &id), &x, |b, x| {
                         b.iter(|| {
-                            layer
-                                .forward_fused(fresh(x), ids.clone(), weights.clone())
-                                .expect("fused dispatch")
-                                .into_data();
+                            layer.forward_sparse(fresh(x), &routing).into_data();
                             device.sync().expect("device sync")
                         })
                     });
                 }
-                group.bench_with_input(BenchmarkId::new("sparse", &id), &x, |b, x| {
-                    b.iter(|| {
-                        layer.forward_sparse(fresh(x), &routing).into_data();
-                        device.sync().expect("device sync")
-                    })
-                });
-                group.bench_with_input(BenchmarkId::new("dense", &id), &x, |b, x| {
-                    b.iter(|| {
-                        layer.forward_dense(fresh(x), &routing).into_data();
-                        device.sync().expect("device sync")
-                    })
-                });
+                if let Some(layer) = &f32_layer {
+                    group.bench_with_input(BenchmarkId::new("dense", &id), &x, |b, x| {
+                        b.iter(|| {
+                            layer.forward_dense(fresh(x), &routing).into_data();
+                            device.sync().expect("device sync")
+                        })
+                    });
+                }
             }
         }
     }

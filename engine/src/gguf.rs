@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 use memmap2::Mmap;
-use moera_kernels::QuantizedMatrix;
+use moera_kernels::{QuantFormat, QuantizedMatrix};
+use moera_models::moe::check_stacked_shape;
 use moera_models::nn::{check_shape, gather_rows};
 use moera_models::{LinearWeight, Metadata, ModelError, WeightSource};
 
@@ -490,20 +491,53 @@ impl WeightSource for GgufWeights<'_> {
                 found: shape,
             });
         }
-        let bytes = self.file.tensor_bytes(info);
-        let matrix =
-            QuantizedMatrix::from_ggml(format, bytes, out_features, in_features).map_err(|e| {
-                ModelError::Weights {
-                    name: name.to_string(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let matrix = self.blocks(name, info, format, out_features, in_features)?;
         Ok(LinearWeight::Quantized(
             match self.unpermuted_order(name, out_features)? {
                 Some(order) => matrix.permute_rows(&order),
                 None => matrix,
             },
         ))
+    }
+
+    fn expert_weight(&self, name: &str, shape: [usize; 3]) -> Result<LinearWeight, ModelError> {
+        let info = self.found(name)?;
+        check_stacked_shape(name, &info.shape(), &shape)?;
+        let format = info
+            .ggml_type
+            .kept_quantized()
+            .filter(|_| self.keep_quantized);
+        let [experts, out_features, in_features] = shape;
+        Ok(match format {
+            // `[E, out, in]` blocks are already every expert's rows one after the other.
+            Some(format) => LinearWeight::Quantized(self.blocks(
+                name,
+                info,
+                format,
+                experts * out_features,
+                in_features,
+            )?),
+            None => LinearWeight::Dense(self.tensor(name)?),
+        })
+    }
+}
+
+impl GgufWeights<'_> {
+    /// A tensor's blocks re-laid out as a `[rows, cols]` quantized matrix.
+    fn blocks(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantizedMatrix, ModelError> {
+        QuantizedMatrix::from_ggml(format, self.file.tensor_bytes(info), rows, cols).map_err(|e| {
+            ModelError::Weights {
+                name: name.to_string(),
+                reason: e.to_string(),
+            }
+        })
     }
 }
 

@@ -138,23 +138,45 @@ impl WeightSource for Quantizing<'_> {
         out_features: usize,
         in_features: usize,
     ) -> std::result::Result<LinearWeight, ModelError> {
-        let mut weight = self.inner.linear_weight(name, out_features, in_features)?;
+        let weight = self.inner.linear_weight(name, out_features, in_features)?;
+        self.quantized(name, weight, out_features, in_features)
+    }
+
+    fn expert_weight(
+        &self,
+        name: &str,
+        shape @ [experts, out_features, in_features]: [usize; 3],
+    ) -> std::result::Result<LinearWeight, ModelError> {
+        let weight = self.inner.expert_weight(name, shape)?;
+        self.quantized(name, weight, experts * out_features, in_features)
+    }
+}
+
+impl Quantizing<'_> {
+    /// `weight` (`rows × cols` values, HF layout) quantized to the format if it is f32, and
+    /// counted.
+    fn quantized(
+        &self,
+        name: &str,
+        mut weight: LinearWeight,
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<LinearWeight, ModelError> {
         if let (LinearWeight::Dense(data), Some(format)) = (&weight, self.format) {
             let values = data.as_slice::<f32>().map_err(|e| ModelError::Weights {
                 name: name.to_string(),
                 reason: format!("{e:?}"),
             })?;
             // A row that does not split into the format's groups stays in f32.
-            if let Ok(matrix) = QuantizedMatrix::quantize(format, values, out_features, in_features)
-            {
+            if let Ok(matrix) = QuantizedMatrix::quantize(format, values, rows, cols) {
                 weight = LinearWeight::Quantized(matrix);
             }
         }
         let mut memory = self.memory.get();
         memory.matrices += 1;
-        memory.f32_bytes += 4 * out_features * in_features;
+        memory.f32_bytes += 4 * rows * cols;
         memory.loaded_bytes += match &weight {
-            LinearWeight::Dense(_) => 4 * out_features * in_features,
+            LinearWeight::Dense(_) => 4 * rows * cols,
             LinearWeight::Quantized(matrix) => {
                 memory.quantized += 1;
                 matrix.memory_bytes()

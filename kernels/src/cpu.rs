@@ -4,6 +4,7 @@
 //! second time with AVX2 and FMA (variable per-lane shifts decode eight 4-bit codes at once)
 //! and that version is picked at run time when the CPU has them.
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -13,16 +14,18 @@ use crate::quant::QuantizedMatrix;
 /// Output rows per rayon task: enough work to amortize scheduling, few enough to balance.
 const ROWS_PER_TASK: usize = 32;
 
-/// `x · Wᵀ` for `x` `[m, cols]` row-major: `[m, rows]`, never materializing the f32 matrix.
+/// `x · W[rows]ᵀ` for `x` `[m, cols]` row-major: `[m, rows.len()]`, never materializing
+/// the f32 matrix (`rows`: a range of `W`'s rows, e.g. one expert's in a stacked matrix).
 ///
 /// Per group: `Σ x·(s·q + o) = s·Σ x·q + o·Σ x`, so the offset costs one multiply per group
 /// with the group sums of `x` computed once.
-pub fn quant_matmul(w: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
+pub fn quant_matmul(w: &QuantizedMatrix, rows: Range<usize>, x: &[f32], m: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * w.cols);
+    debug_assert!(rows.end <= w.rows);
     #[cfg(target_arch = "x86_64")]
     if m == 1 && w.format.code_bits() == 4 && w.group.is_multiple_of(32) && simd_available() {
         // SAFETY: the CPU reported AVX2 and FMA.
-        return unsafe { q8::gemv(w, x) };
+        return unsafe { q8::gemv(w, rows, x) };
     }
     let x_sums: Vec<f32> = if w.offsets.is_some() {
         x.chunks_exact(w.group).map(|g| g.iter().sum()).collect()
@@ -31,13 +34,14 @@ pub fn quant_matmul(w: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
     };
     let job = Job { w, x, m, x_sums };
     // Computed as [rows, m] so each task owns whole output rows, then transposed.
-    let mut by_row = vec![0f32; w.rows * m];
+    let n = rows.len();
+    let mut by_row = vec![0f32; n * m];
     let fast = simd_available();
     by_row
         .par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
+            let first = rows.start + task * ROWS_PER_TASK;
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: the CPU reported AVX2 and FMA.
@@ -50,7 +54,6 @@ pub fn quant_matmul(w: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
     if m == 1 {
         return by_row;
     }
-    let n = w.rows;
     let mut out = vec![0f32; m * n];
     for (row, values) in by_row.chunks_exact(m).enumerate() {
         for (t, &v) in values.iter().enumerate() {
@@ -205,6 +208,7 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod q8 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use rayon::prelude::*;
 
@@ -232,18 +236,18 @@ mod q8 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(w: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
+    pub unsafe fn gemv(w: &QuantizedMatrix, rows: Range<usize>, x: &[f32]) -> Vec<f32> {
         let (xq, xd) = quantize_activations(x);
         let x_sums: Vec<f32> = if w.offsets.is_some() {
             x.chunks_exact(w.group).map(|g| g.iter().sum()).collect()
         } else {
             Vec::new()
         };
-        let mut out = vec![0f32; w.rows];
+        let mut out = vec![0f32; rows.len()];
         out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
+                let first = rows.start + task * ROWS_PER_TASK;
                 for (local, y) in out.iter_mut().enumerate() {
                     // SAFETY: the caller checked AVX2 and FMA.
                     *y = unsafe { row(w, first + local, &xq, &xd, &x_sums) };

@@ -1,5 +1,6 @@
 //! A linear layer over a quantized weight matrix.
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -83,6 +84,11 @@ impl QuantLinear {
         self.inner.format
     }
 
+    /// Consecutive weights of a row sharing one scale (and offset).
+    pub fn group(&self) -> usize {
+        self.inner.group
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         [self.inner.rows, self.inner.cols]
@@ -99,54 +105,74 @@ impl QuantLinear {
         let (rows, cols) = (self.inner.rows, self.inner.cols);
         assert_eq!(dims[D - 1], cols, "QuantLinear input width");
         let tokens = dims[..D - 1].iter().product::<usize>();
-        let x = x.reshape([tokens, cols]);
-        let y = match executor(&x.device()) {
-            Executor::Reference => self.reference(x),
+        let y = self.forward_rows(x.reshape([tokens, cols]), 0..rows);
+        let mut out = dims;
+        out[D - 1] = rows;
+        y.reshape(out)
+    }
+
+    /// `x` `[tokens, in]` times the rows `rows` of the weights (e.g. one expert's block of a
+    /// stacked matrix), transposed: `[tokens, rows.len()]`.
+    pub fn forward_rows(&self, x: Tensor<2>, rows: Range<usize>) -> Tensor<2> {
+        let [tokens, cols] = x.dims();
+        assert_eq!(cols, self.inner.cols, "QuantLinear input width");
+        assert!(rows.end <= self.inner.rows, "QuantLinear rows {rows:?}");
+        match executor(&x.device()) {
+            Executor::Reference => self.reference_rows(x, rows),
             Executor::Cpu => match &self.inner.host {
                 // Prefill: decoding each group once per token loses to a blocked f32 GEMM, so
-                // the matrix is dequantized for the call (rayon) and multiplied by burn.
+                // the rows are dequantized for the call (rayon) and multiplied by burn.
                 Some(host) if tokens >= CPU_GEMM_MIN_TOKENS => {
                     let device = x.device();
-                    let weights = TensorData::new(host.dequantize(), [rows, cols]);
+                    let shape = [rows.len(), cols];
+                    let weights = TensorData::new(host.dequantize_rows(rows), shape);
                     x.matmul(Tensor::<2>::from_data(weights, &device).transpose())
                 }
                 Some(host) => {
                     let device = x.device();
+                    let n = rows.len();
                     let data = x.into_data().convert::<f32>();
                     let values = data.as_slice::<f32>().expect("converted to f32");
-                    let y = crate::cpu::quant_matmul(host, values, tokens);
-                    Tensor::from_data(TensorData::new(y, [tokens, rows]), &device)
+                    let y = crate::cpu::quant_matmul(host, rows, values, tokens);
+                    Tensor::from_data(TensorData::new(y, [tokens, n]), &device)
                 }
-                None => self.reference(x),
+                None => self.reference_rows(x, rows),
             },
             #[cfg(feature = "cube")]
-            Executor::Cube => crate::cube::quant_matmul(
+            Executor::Cube if rows == (0..self.inner.rows) => crate::cube::quant_matmul(
                 x,
                 self.device_weights(),
                 self.inner.bits,
                 self.inner.group,
                 self.inner.format.has_offsets(),
             ),
-        };
-        let mut out = dims;
-        out[D - 1] = rows;
-        y.reshape(out)
+            // Part of a matrix on a cube device: only the fused MoE kernels' fallback asks.
+            #[cfg(feature = "cube")]
+            Executor::Cube => self.reference_rows(x, rows),
+        }
     }
 
     /// The reference: the weights dequantized with burn ops, then a plain matmul.
     pub fn reference(&self, x: Tensor<2>) -> Tensor<2> {
-        x.matmul(self.dequantize().transpose())
+        self.reference_rows(x, 0..self.inner.rows)
+    }
+
+    fn reference_rows(&self, x: Tensor<2>, rows: Range<usize>) -> Tensor<2> {
+        x.matmul(self.dequantize_rows(rows).transpose())
     }
 
     /// The `[out, in]` weights as f32, computed with burn ops on the device.
     pub fn dequantize(&self) -> Tensor<2> {
+        self.dequantize_rows(0..self.inner.rows)
+    }
+
+    /// Rows `rows` of the weights as f32 `[rows.len(), in]`, computed with burn ops on the
+    /// device (only those rows' codes are decoded).
+    pub fn dequantize_rows(&self, range: Range<usize>) -> Tensor<2> {
         let Inner {
-            rows,
-            cols,
-            group,
-            bits,
-            ..
+            cols, group, bits, ..
         } = *self.inner;
+        let rows = range.len();
         let weights = self.device_weights();
         let device = weights.scales.device();
         let per_word = (32 / bits) as usize;
@@ -158,6 +184,7 @@ impl QuantLinear {
         let fields = weights
             .codes
             .clone()
+            .narrow(0, range.start * words, rows * words)
             .reshape([rows, words, 1])
             .expand([rows, words, per_word])
             .bitwise_right_shift(shifts)
@@ -173,6 +200,7 @@ impl QuantLinear {
         let groups = cols / group;
         let per_weight = |t: &Tensor<2>| {
             t.clone()
+                .narrow(0, range.start, rows)
                 .reshape([rows, groups, 1])
                 .expand([rows, groups, group])
                 .reshape([rows, cols])

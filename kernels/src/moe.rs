@@ -12,6 +12,8 @@
 
 use burn::tensor::{Int, Tensor};
 
+use crate::QuantLinear;
+
 /// How router logits become expert ids and weights.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RoutingMethod {
@@ -43,15 +45,72 @@ pub enum ExpertActivation {
     ClampedSwiGlu { alpha: f32, limit: f32 },
 }
 
-/// One layer's routed experts in the stacked layout: `gate_up` `[E, H, 2I]` (gate in
-/// columns `..I`, up in `I..`), `down` `[E, I, H]`, optional biases `[E, 2I]` / `[E, H]`.
+/// One projection of every expert of a layer, stacked.
+// Built per call from the model's parameters and dropped after it: not worth boxing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum ExpertMatrix {
+    /// f32, input-major `[E, in, out]`: gate/up `[E, H, 2I]` (gate in columns `..I`, up in
+    /// `I..`), down `[E, I, H]`.
+    Dense(Tensor<3>),
+    /// Quantized in HF layout `[E·out, in]`, expert `e` in rows `e·out..(e + 1)·out`:
+    /// gate/up `[E·2I, H]` (each expert's gate rows, then its up rows), down `[E·H, I]`.
+    /// The kernels decode the codes where they read them.
+    Quantized(QuantLinear),
+}
+
+impl ExpertMatrix {
+    /// Expert `expert`'s projection of its rows `x` `[n, in]` to `[n, out]`.
+    pub fn forward_expert(&self, expert: usize, x: Tensor<2>, out: usize) -> Tensor<2> {
+        match self {
+            Self::Dense(weights) => {
+                let [_, input, _] = weights.dims();
+                x.matmul(weights.clone().narrow(0, expert, 1).reshape([input, out]))
+            }
+            Self::Quantized(linear) => linear.forward_rows(x, expert * out..(expert + 1) * out),
+        }
+    }
+
+    /// Bytes of weights held on the device (f32 values, or codes, scales and offsets).
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            Self::Dense(weights) => 4 * weights.shape().num_elements(),
+            Self::Quantized(linear) => linear.memory_bytes(),
+        }
+    }
+}
+
+/// One layer's routed experts: `gate_up` and `down` (see [`ExpertMatrix`]), optional biases
+/// `[E, 2I]` / `[E, H]`.
 #[derive(Debug, Clone)]
 pub struct StackedExperts {
-    pub gate_up: Tensor<3>,
+    pub gate_up: ExpertMatrix,
     pub gate_up_bias: Option<Tensor<2>>,
-    pub down: Tensor<3>,
+    pub down: ExpertMatrix,
     pub down_bias: Option<Tensor<2>>,
     pub activation: ExpertActivation,
+}
+
+impl StackedExperts {
+    /// The number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        match (&self.gate_up, &self.down) {
+            (ExpertMatrix::Dense(w), _) | (_, ExpertMatrix::Dense(w)) => w.dims()[0],
+            (ExpertMatrix::Quantized(gate_up), ExpertMatrix::Quantized(down)) => {
+                // gate/up `[E·2I, H]`, down `[E·H, I]`.
+                let [_, hidden] = gate_up.dims();
+                down.dims()[0] / hidden
+            }
+        }
+    }
+
+    /// The intermediate size `I` of each expert.
+    pub fn intermediate(&self) -> usize {
+        match &self.down {
+            ExpertMatrix::Dense(w) => w.dims()[1],
+            ExpertMatrix::Quantized(down) => down.dims()[1],
+        }
+    }
 }
 
 /// Groups the routing kernel keeps as a bit mask.
@@ -149,19 +208,12 @@ pub fn dispatch(
     }
     #[cfg(feature = "cube")]
     {
-        let activation = match experts.activation {
-            ExpertActivation::SwiGlu => None,
-            ExpertActivation::ClampedSwiGlu { alpha, limit } => Some((alpha, limit)),
-        };
         Some(crate::cube::moe_experts(
             x,
             ids,
             weights,
-            experts.gate_up.clone(),
-            experts.gate_up_bias.clone(),
-            experts.down.clone(),
-            experts.down_bias.clone(),
-            activation,
+            experts,
+            [experts.num_experts(), experts.intermediate()],
         ))
     }
     #[cfg(not(feature = "cube"))]

@@ -340,10 +340,15 @@ impl QuantizedMatrix {
 
     /// Every weight as f32, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0..self.rows)
+    }
+
+    /// Rows `rows` as f32, row-major `[rows.len(), cols]`.
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = vec![0f32; rows.len() * self.cols];
         out.par_chunks_mut(self.cols)
             .enumerate()
-            .for_each(|(row, out)| self.dequantize_row(row, out));
+            .for_each(|(row, out)| self.dequantize_row(rows.start + row, out));
         out
     }
 
@@ -375,6 +380,45 @@ impl QuantizedMatrix {
                 }
             }
         }
+    }
+
+    /// The rows of `parts` one after the other: one matrix of their formats, widths and
+    /// groups, or [`KernelError::Shape`] when they differ (or there are none).
+    pub fn stack_rows(parts: &[&Self]) -> Result<Self, KernelError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| KernelError::Shape("no matrices to stack".into()))?;
+        if let Some(odd) = parts.iter().find(|p| {
+            (p.format, p.cols, p.group) != (first.format, first.cols, first.group)
+                || p.offsets.is_some() != first.offsets.is_some()
+        }) {
+            return Err(KernelError::Shape(format!(
+                "cannot stack {} [{}, {}] (group {}) under {} [{}, {}] (group {})",
+                odd.format,
+                odd.rows,
+                odd.cols,
+                odd.group,
+                first.format,
+                first.rows,
+                first.cols,
+                first.group
+            )));
+        }
+        Ok(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            group: first.group,
+            codes: parts.iter().flat_map(|p| &p.codes).copied().collect(),
+            scales: parts.iter().flat_map(|p| &p.scales).copied().collect(),
+            offsets: first.offsets.as_ref().map(|_| {
+                parts
+                    .iter()
+                    .flat_map(|p| p.offsets.iter().flatten())
+                    .copied()
+                    .collect()
+            }),
+        })
     }
 
     /// The matrix with its rows reordered: output row `i` is input row `order[i]`.

@@ -77,6 +77,14 @@ pub trait WeightSource {
         nn::check_shape(name, &data, &[out_features, in_features])?;
         Ok(LinearWeight::Dense(data))
     }
+
+    /// A stacked projection of every expert, `[experts, out, in]` (HF layout per expert):
+    /// f32 by default; a source may hand over quantized codes instead, the experts' rows one
+    /// after the other (`[experts·out, in]`). A different expert count is
+    /// [`ModelError::ExpertCount`].
+    fn expert_weight(&self, name: &str, shape: [usize; 3]) -> Result<LinearWeight, ModelError> {
+        moe::check_stacked(name, self.tensor(name)?, &shape).map(LinearWeight::Dense)
+    }
 }
 
 /// A linear layer's weight as a [`WeightSource`] hands it over.

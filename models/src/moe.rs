@@ -10,10 +10,11 @@ use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use moera_kernels::moe::StackedExperts;
-pub use moera_kernels::moe::{ExpertActivation, RoutingMethod};
+pub use moera_kernels::moe::{ExpertActivation, ExpertMatrix, RoutingMethod};
+use moera_kernels::{QuantLinear, QuantizedMatrix};
 
 use crate::nn::{GatedMlp, Linear, checked_data, f32_values, load_checked, transpose_into};
-use crate::{ModelError, WeightSource};
+use crate::{LinearWeight, ModelError, WeightSource};
 
 /// The routing of one MoE layer for a batch of token rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -405,16 +406,59 @@ impl ExpertLayout {
     };
 }
 
-/// The routed experts of one layer, stacked so one kernel can take them all:
-/// `gate_up` `[E, H, 2I]` (gate in columns `..I`, up in `I..`) and `down` `[E, I, H]`.
+/// The routed experts of one layer, stacked so one kernel can take them all (see
+/// [`ExpertMatrix`] for the two layouts).
 #[derive(Module, Debug)]
 pub struct Experts {
-    gate_up: Param<Tensor<3>>,
+    gate_up: ExpertProjection,
     gate_up_bias: Option<Param<Tensor<2>>>,
-    down: Param<Tensor<3>>,
+    down: ExpertProjection,
     down_bias: Option<Param<Tensor<2>>>,
+    /// `[E, H, I]`.
+    #[module(skip)]
+    shape: [usize; 3],
     #[module(skip)]
     activation: ExpertActivation,
+}
+
+/// One projection of every expert: f32 parameters `[E, in, out]`, or quantized codes
+/// `[E·out, in]` that the kernels decode where they read them (frozen in training).
+#[derive(Module, Debug)]
+pub struct ExpertProjection {
+    weight: Option<Param<Tensor<3>>>,
+    #[module(skip)]
+    quantized: Option<QuantLinear>,
+}
+
+impl ExpertProjection {
+    fn dense(values: Vec<f32>, shape: [usize; 3], device: &Device) -> Self {
+        let weight = Tensor::from_data(TensorData::new(values, shape), device);
+        Self {
+            weight: Some(Param::from_tensor(weight)),
+            quantized: None,
+        }
+    }
+
+    fn quantized(matrix: QuantizedMatrix, device: &Device) -> Self {
+        Self {
+            weight: None,
+            quantized: Some(QuantLinear::new(matrix, device)),
+        }
+    }
+
+    /// The stacked matrix the kernels and the reference read.
+    pub fn matrix(&self) -> ExpertMatrix {
+        match (&self.weight, &self.quantized) {
+            (Some(weight), _) => ExpertMatrix::Dense(weight.val()),
+            (None, Some(quantized)) => ExpertMatrix::Quantized(quantized.clone()),
+            (None, None) => unreachable!("an expert projection has dense or quantized weights"),
+        }
+    }
+
+    /// Whether the weights are held quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
 }
 
 /// Rows of `2·inter` interleaved columns (gate, up, gate, up, ...) written to `dst` as
@@ -431,15 +475,14 @@ fn split_interleaved(src: &[f32], dst: &mut [f32], inter: usize) {
     }
 }
 
-/// Reads a stacked tensor whose first dimension counts experts, reporting a different
-/// count as [`ModelError::ExpertCount`].
-fn stacked(
-    source: &dyn WeightSource,
+/// Checks the shape of a stacked tensor `[experts, ...]` named `name`, reporting a
+/// different expert count as [`ModelError::ExpertCount`] and any other difference as
+/// [`ModelError::ShapeMismatch`].
+pub fn check_stacked_shape(
     name: &str,
+    found: &[usize],
     expected: &[usize],
-) -> Result<Vec<f32>, ModelError> {
-    let data = source.tensor(name)?;
-    let found = data.shape().as_slice().to_vec();
+) -> Result<(), ModelError> {
     if found.len() == expected.len() && found[1..] == expected[1..] && found[0] != expected[0] {
         return Err(ModelError::ExpertCount {
             name: name.to_string(),
@@ -447,39 +490,127 @@ fn stacked(
             found: found[0],
         });
     }
-    f32_values(checked_data(source, name, expected)?, name)
+    if found != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// [`check_stacked_shape`] on data read as `name`.
+pub(crate) fn check_stacked(
+    name: &str,
+    data: TensorData,
+    expected: &[usize],
+) -> Result<TensorData, ModelError> {
+    check_stacked_shape(name, data.shape().as_slice(), expected)?;
+    Ok(data)
+}
+
+/// Reads a stacked f32 tensor whose first dimension counts experts (see [`check_stacked`]).
+fn stacked(
+    source: &dyn WeightSource,
+    name: &str,
+    expected: &[usize],
+) -> Result<Vec<f32>, ModelError> {
+    f32_values(check_stacked(name, source.tensor(name)?, expected)?, name)
+}
+
+/// A projection of `experts` experts `[out, in]` each as a source handed it over: f32
+/// `[E, out, in]` values, or quantized `[E·out, in]` codes.
+enum Stacked {
+    Dense(Vec<f32>),
+    Quantized(QuantizedMatrix),
+}
+
+impl Stacked {
+    fn from_weight(weight: LinearWeight, name: &str) -> Result<Self, ModelError> {
+        Ok(match weight {
+            LinearWeight::Dense(data) => Self::Dense(f32_values(data, name)?),
+            LinearWeight::Quantized(matrix) => Self::Quantized(matrix),
+        })
+    }
+
+    /// Every expert's weights one after the other (per-expert linears), quantized if all
+    /// of them are in one format.
+    fn concat(parts: Vec<LinearWeight>, name: &str) -> Result<Self, ModelError> {
+        let matrices: Vec<&QuantizedMatrix> = parts
+            .iter()
+            .filter_map(|p| match p {
+                LinearWeight::Quantized(m) => Some(m),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        if matrices.len() == parts.len()
+            && let Ok(matrix) = QuantizedMatrix::stack_rows(&matrices)
+        {
+            return Ok(Self::Quantized(matrix));
+        }
+        let mut values = Vec::new();
+        for part in parts {
+            values.extend(Self::from_weight(part, name)?.into_values());
+        }
+        Ok(Self::Dense(values))
+    }
+
+    fn into_values(self) -> Vec<f32> {
+        match self {
+            Self::Dense(values) => values,
+            Self::Quantized(matrix) => matrix.dequantize(),
+        }
+    }
+
+    /// `[E, out, in]` (HF layout) to the f32 layout `[E, in, out]`.
+    fn transposed(self, [experts, out, input]: [usize; 3]) -> Vec<f32> {
+        let values = self.into_values();
+        let mut transposed = vec![0f32; values.len()];
+        for e in 0..experts {
+            let block = e * out * input..(e + 1) * out * input;
+            transpose_into(&values[block.clone()], input, &mut transposed[block], out);
+        }
+        transposed
+    }
 }
 
 impl Experts {
     /// Loads the `experts` of `{prefix}` (e.g. `model.layers.3.mlp`) in any layout
-    /// [`ExpertLayout`] describes, checking there are exactly `experts` of them.
+    /// [`ExpertLayout`] describes, checking there are exactly `experts` of them. Weights a
+    /// source hands over quantized (GGUF blocks, in-situ quantization) stay quantized when
+    /// both gate and up are.
     pub fn load(
         source: &dyn WeightSource,
         prefix: &str,
         layout: ExpertLayout,
-        [experts, hidden, inter]: [usize; 3],
+        shape @ [experts, hidden, inter]: [usize; 3],
         activation: ExpertActivation,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let mut gate_up = vec![0f32; experts * hidden * 2 * inter];
-        let mut down = vec![0f32; experts * inter * hidden];
-        let (gu_size, down_size) = (hidden * 2 * inter, inter * hidden);
-        let mut biases = None;
-        match layout {
+        let (gate, up, down) = match layout {
             ExpertLayout::InterleavedWithBias => {
                 let name = format!("{prefix}.experts.gate_up_proj");
                 let fused = stacked(source, &name, &[experts, hidden, 2 * inter])?;
                 // Column 2j is gate j, column 2j+1 is up j.
+                let mut gate_up = vec![0f32; fused.len()];
                 split_interleaved(&fused, &mut gate_up, inter);
                 let name = format!("{prefix}.experts.down_proj");
-                down = stacked(source, &name, &[experts, inter, hidden])?;
+                let down = stacked(source, &name, &[experts, inter, hidden])?;
                 let name = format!("{prefix}.experts.gate_up_proj_bias");
                 let fused_bias = stacked(source, &name, &[experts, 2 * inter])?;
                 let mut gate_up_bias = vec![0f32; experts * 2 * inter];
                 split_interleaved(&fused_bias, &mut gate_up_bias, inter);
                 let name = format!("{prefix}.experts.down_proj_bias");
                 let down_bias = stacked(source, &name, &[experts, hidden])?;
-                biases = Some((gate_up_bias, down_bias));
+                return Self::from_stacked(
+                    shape,
+                    gate_up,
+                    down,
+                    Some((gate_up_bias, down_bias)),
+                    activation,
+                    device,
+                );
             }
             ExpertLayout::Linear {
                 gate: gate_name,
@@ -488,95 +619,114 @@ impl Experts {
             } => {
                 let fused = format!("{prefix}.experts.gate_up_proj");
                 let separate = format!("{prefix}.experts.gate_proj");
+                let down = format!("{prefix}.experts.down_proj");
+                let stacked = |name: &str, shape: [usize; 3]| {
+                    Stacked::from_weight(source.expert_weight(name, shape)?, name)
+                };
                 if source.contains(&fused) {
-                    let values = stacked(source, &fused, &[experts, 2 * inter, hidden])?;
-                    for (e, block) in values.chunks_exact(2 * inter * hidden).enumerate() {
-                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
-                        transpose_into(block, hidden, out, 2 * inter);
-                    }
+                    let gate_up = stacked(&fused, [experts, 2 * inter, hidden])?;
+                    (gate_up, None, stacked(&down, [experts, hidden, inter])?)
                 } else if source.contains(&separate) {
-                    let up_name = format!("{prefix}.experts.up_proj");
-                    let gates = stacked(source, &separate, &[experts, inter, hidden])?;
-                    let ups = stacked(source, &up_name, &[experts, inter, hidden])?;
-                    for e in 0..experts {
-                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
-                        let block =
-                            |v: &[f32]| v[e * inter * hidden..(e + 1) * inter * hidden].to_vec();
-                        transpose_into(&block(&gates), hidden, out, 2 * inter);
-                        transpose_into(&block(&ups), hidden, &mut out[inter..], 2 * inter);
-                    }
+                    let up = format!("{prefix}.experts.up_proj");
+                    (
+                        stacked(&separate, [experts, inter, hidden])?,
+                        Some(stacked(&up, [experts, inter, hidden])?),
+                        stacked(&down, [experts, hidden, inter])?,
+                    )
                 } else {
                     // One linear per expert; a tensor for expert `experts` means the
                     // checkpoint has more experts than the config says.
-                    let extra = format!("{prefix}.experts.{experts}.{gate_name}.weight");
-                    if source.contains(&extra) {
+                    let name =
+                        |e: usize, module: &str| format!("{prefix}.experts.{e}.{module}.weight");
+                    if source.contains(&name(experts, gate_name)) {
                         let found = (experts..)
-                            .take_while(|e| {
-                                source.contains(&format!("{prefix}.experts.{e}.{gate_name}.weight"))
-                            })
+                            .take_while(|&e| source.contains(&name(e, gate_name)))
                             .count()
                             + experts;
                         return Err(ModelError::ExpertCount {
-                            name: extra,
+                            name: name(experts, gate_name),
                             config: experts,
                             found,
                         });
                     }
-                    for e in 0..experts {
-                        let p = format!("{prefix}.experts.{e}");
-                        let read = |module: &str, shape: &[usize]| {
-                            let name = format!("{p}.{module}.weight");
-                            f32_values(checked_data(source, &name, shape)?, &name)
-                        };
-                        let out = &mut gate_up[e * gu_size..(e + 1) * gu_size];
-                        let gate = read(gate_name, &[inter, hidden])?;
-                        transpose_into(&gate, hidden, out, 2 * inter);
-                        let up = read(up_name, &[inter, hidden])?;
-                        transpose_into(&up, hidden, &mut out[inter..], 2 * inter);
-                        let d = read(down_name, &[hidden, inter])?;
-                        let out = &mut down[e * down_size..(e + 1) * down_size];
-                        transpose_into(&d, inter, out, hidden);
-                    }
-                    return Self::from_stacked(
-                        [experts, hidden, inter],
-                        gate_up,
-                        down,
-                        None,
-                        activation,
-                        device,
-                    );
-                }
-                let name = format!("{prefix}.experts.down_proj");
-                let values = stacked(source, &name, &[experts, hidden, inter])?;
-                for (e, block) in values.chunks_exact(hidden * inter).enumerate() {
-                    let out = &mut down[e * down_size..(e + 1) * down_size];
-                    transpose_into(block, inter, out, hidden);
+                    let all = |module: &str, out: usize, input: usize| {
+                        let parts = (0..experts)
+                            .map(|e| source.linear_weight(&name(e, module), out, input))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Stacked::concat(parts, &name(0, module))
+                    };
+                    (
+                        all(gate_name, inter, hidden)?,
+                        Some(all(up_name, inter, hidden)?),
+                        all(down_name, hidden, inter)?,
+                    )
                 }
             }
-        }
-        Self::from_stacked(
-            [experts, hidden, inter],
+        };
+        let gate_up = match (gate, up) {
+            // Fused `[E, 2I, H]`: each expert's gate rows, then its up rows, as the kernels
+            // read them.
+            (Stacked::Quantized(gate_up), None) => ExpertProjection::quantized(gate_up, device),
+            (Stacked::Quantized(gate), Some(Stacked::Quantized(up)))
+                if let Ok(both) = QuantizedMatrix::stack_rows(&[&gate, &up]) =>
+            {
+                // Rows of expert e: its gate rows (block e of the first half), then its up
+                // rows (block e of the second half).
+                let order: Vec<usize> = (0..experts)
+                    .flat_map(|e| {
+                        let gate = e * inter..(e + 1) * inter;
+                        let up = (experts + e) * inter..(experts + e + 1) * inter;
+                        gate.chain(up)
+                    })
+                    .collect();
+                ExpertProjection::quantized(both.permute_rows(&order), device)
+            }
+            (gate, up) => {
+                let values = match up {
+                    None => gate.into_values(),
+                    Some(up) => {
+                        let (gate, up) = (gate.into_values(), up.into_values());
+                        let block = inter * hidden;
+                        (0..experts)
+                            .flat_map(|e| {
+                                let rows = e * block..(e + 1) * block;
+                                gate[rows.clone()].iter().chain(&up[rows]).copied()
+                            })
+                            .collect()
+                    }
+                };
+                let shape = [experts, 2 * inter, hidden];
+                let values = Stacked::Dense(values).transposed(shape);
+                ExpertProjection::dense(values, [experts, hidden, 2 * inter], device)
+            }
+        };
+        let down = match down {
+            Stacked::Quantized(down) => ExpertProjection::quantized(down, device),
+            dense => {
+                let values = dense.transposed([experts, hidden, inter]);
+                ExpertProjection::dense(values, [experts, inter, hidden], device)
+            }
+        };
+        Ok(Self {
             gate_up,
+            gate_up_bias: None,
             down,
-            biases,
+            down_bias: None,
+            shape,
             activation,
-            device,
-        )
+        })
     }
 
     /// Builds experts from host data already in the stacked `[E, H, 2I]` / `[E, I, H]`
     /// layout, with optional biases `[E, 2I]` / `[E, H]`.
     pub fn from_stacked(
-        [experts, hidden, inter]: [usize; 3],
+        shape @ [experts, hidden, inter]: [usize; 3],
         gate_up: Vec<f32>,
         down: Vec<f32>,
         biases: Option<(Vec<f32>, Vec<f32>)>,
         activation: ExpertActivation,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let tensor3 = |v: Vec<f32>, shape: [usize; 3]| {
-            Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
-        };
         let tensor2 = |v: Vec<f32>, shape: [usize; 2]| {
             Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
         };
@@ -588,24 +738,59 @@ impl Experts {
             None => (None, None),
         };
         Ok(Self {
-            gate_up: tensor3(gate_up, [experts, hidden, 2 * inter]),
+            gate_up: ExpertProjection::dense(gate_up, [experts, hidden, 2 * inter], device),
             gate_up_bias,
-            down: tensor3(down, [experts, inter, hidden]),
+            down: ExpertProjection::dense(down, [experts, inter, hidden], device),
             down_bias,
+            shape,
+            activation,
+        })
+    }
+
+    /// Builds experts from quantized matrices in the kernels' layout: `gate_up`
+    /// `[E·2I, H]` (each expert's gate rows, then its up rows) and `down` `[E·H, I]`.
+    pub fn from_quantized(
+        shape @ [experts, hidden, inter]: [usize; 3],
+        gate_up: QuantizedMatrix,
+        down: QuantizedMatrix,
+        activation: ExpertActivation,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        for (name, matrix, rows, cols) in [
+            ("gate_up", &gate_up, experts * 2 * inter, hidden),
+            ("down", &down, experts * hidden, inter),
+        ] {
+            if [matrix.rows, matrix.cols] != [rows, cols] {
+                return Err(ModelError::ShapeMismatch {
+                    name: format!("experts.{name}"),
+                    expected: vec![rows, cols],
+                    found: vec![matrix.rows, matrix.cols],
+                });
+            }
+        }
+        Ok(Self {
+            gate_up: ExpertProjection::quantized(gate_up, device),
+            gate_up_bias: None,
+            down: ExpertProjection::quantized(down, device),
+            down_bias: None,
+            shape,
             activation,
         })
     }
 
     pub fn num_experts(&self) -> usize {
-        self.gate_up.val().dims()[0]
+        self.shape[0]
+    }
+
+    /// Whether gate/up and down are held quantized.
+    pub fn is_quantized(&self) -> [bool; 2] {
+        [self.gate_up.is_quantized(), self.down.is_quantized()]
     }
 
     /// Expert `e`'s MLP on its token rows `[rows, H]`.
     fn expert_forward(&self, e: usize, rows: Tensor<2>) -> Tensor<2> {
-        let [_, hidden, width] = self.gate_up.val().dims();
-        let inter = width / 2;
-        let weight = self.gate_up.val().narrow(0, e, 1).reshape([hidden, width]);
-        let mut h = rows.matmul(weight);
+        let [_, hidden, inter] = self.shape;
+        let mut h = self.gate_up.matrix().forward_expert(e, rows, 2 * inter);
         if let Some(bias) = &self.gate_up_bias {
             h = h + bias.val().narrow(0, e, 1);
         }
@@ -620,8 +805,7 @@ impl Experts {
                 up.add_scalar(1.0) * glu
             }
         };
-        let down = self.down.val().narrow(0, e, 1).reshape([inter, hidden]);
-        let mut out = activated.matmul(down);
+        let mut out = self.down.matrix().forward_expert(e, activated, hidden);
         if let Some(bias) = &self.down_bias {
             out = out + bias.val().narrow(0, e, 1);
         }
@@ -637,9 +821,9 @@ impl Experts {
         weights: Tensor<2>,
     ) -> Option<Tensor<2>> {
         let stacked = StackedExperts {
-            gate_up: self.gate_up.val(),
+            gate_up: self.gate_up.matrix(),
             gate_up_bias: self.gate_up_bias.as_ref().map(Param::val),
-            down: self.down.val(),
+            down: self.down.matrix(),
             down_bias: self.down_bias.as_ref().map(Param::val),
             activation: self.activation,
         };

@@ -215,6 +215,86 @@ fn moe_gguf_files_match_transformers() {
     }
 }
 
+/// The quantized GGUFs (llama.cpp's own quantizer: experts in Q4_0 / Q4_1, other matrices
+/// in those, Q8_0 or F16) give transformers' logits of their dequantized weights on
+/// `device` within `tolerance`, on the current kernel path.
+fn check_quantized_moe_ggufs(device: &Device, tolerance: f64) {
+    for name in QUANTIZED_MOE_GGUFS {
+        let reference = reference(&fixtures().join(format!("{name}_reference.safetensors")));
+        let prompt = ids(&reference["prompt_ids"].1);
+        let model = load_on(&fixtures().join(format!("{name}.gguf")), device);
+        let logits = model.logits(&prompt).expect("forward");
+        let diff = max_abs_diff(&logits, &reference["logits"].1);
+        assert!(diff < tolerance, "{name}: logits differ by {diff}");
+    }
+}
+
+const QUANTIZED_MOE_GGUFS: &[&str] = &["tiny-qwen2-moe-q4_0", "tiny-qwen3-moe-q4_1"];
+
+/// On flex the reference path dequantizes exactly as transformers does; the CPU kernels
+/// multiply one-row expert inputs with 8-bit activations, as llama.cpp does, which moves
+/// logits of these random models (|logit| ≤ 8) by a few hundredths.
+#[test]
+fn quantized_moe_gguf_files_match_transformers() {
+    use moera::kernels::{KernelPath, with_kernel_path};
+    with_kernel_path(KernelPath::Reference, || {
+        check_quantized_moe_ggufs(&flex(), LOGITS_TOLERANCE)
+    });
+    with_kernel_path(KernelPath::Fast, || check_quantized_moe_ggufs(&flex(), 0.1));
+}
+
+/// The GPU kernels decode the blocks in f32: transformers' logits within the f32 tolerance.
+#[cfg(feature = "wgpu")]
+#[test]
+fn quantized_moe_gguf_files_match_transformers_on_wgpu() {
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    check_quantized_moe_ggufs(&device, LOGITS_TOLERANCE);
+}
+
+/// In-situ int8 quantization covers the experts whatever their layout (per-expert linears
+/// in tiny-mixtral and tiny-qwen2-moe): every linear weight and expert projection loads
+/// quantized, and the logits equal those of transformers with the same weights quantized
+/// per output channel in torch (`reference-int8.safetensors`).
+fn check_in_situ_int8(device: &Device) {
+    let options = || moera::engine::LoadOptions {
+        quantization: moera::engine::Quantization::Int8,
+    };
+    for name in ["tiny-mixtral", "tiny-qwen2-moe"] {
+        let model = Model::load_with(fixtures().join(name), device, options(), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let memory = model.weight_memory();
+        assert_eq!(memory.quantized, memory.matrices, "{name}: {memory}");
+        assert!(
+            memory.loaded_bytes * 3 < memory.f32_bytes,
+            "{name}: {memory}"
+        );
+        let reference = reference(&fixtures().join(name).join("reference-int8.safetensors"));
+        let prompt = ids(&reference["prompt_ids"].1);
+        let logits = model.logits(&prompt).expect("forward");
+        let diff = max_abs_diff(&logits, &reference["logits"].1);
+        assert!(
+            diff < LOGITS_TOLERANCE,
+            "{name} int8: logits differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn in_situ_int8_quantizes_the_experts_as_torch_does() {
+    check_in_situ_int8(&flex());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn in_situ_int8_quantizes_the_experts_as_torch_does_on_wgpu() {
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    check_in_situ_int8(&device);
+}
+
 /// Experts stored as transformers 5 holds them in memory and some checkpoints ship them:
 /// `experts.gate_up_proj` `[E, 2I, H]` (each expert's gate rows, then its up rows) and
 /// `experts.down_proj` `[E, H, I]` — built here from the per-expert tensors exactly as
@@ -292,8 +372,9 @@ fn dense_qwen3_with_tied_head_matches_transformers() {
     check_moe_parity("tiny-qwen3", &flex());
 }
 
-/// Every MoE fixture, prefilled (grouped GEMM) then decoded a token at a time (GEMV), gives
-/// the same logits and expert choices with the kernels as with the reference path.
+/// Every MoE fixture (and the GGUFs, f32 and quantized), prefilled (grouped GEMM) then
+/// decoded a token at a time (GEMV), gives the same logits and expert choices with the
+/// kernels as with the reference path.
 #[cfg(feature = "wgpu")]
 #[test]
 fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
@@ -309,8 +390,16 @@ fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
         let choices = trace.layers.into_iter().map(|(l, r)| (l, r.ids)).collect();
         (logits, choices)
     };
-    for name in MOE_FIXTURES.iter().chain(&["tiny-qwen2-moe.gguf"]) {
-        let model = Model::load_on(fixtures().join(name), &device, &mut |_| {})
+    let quantized = QUANTIZED_MOE_GGUFS
+        .iter()
+        .map(|name| format!("{name}.gguf"));
+    let names = MOE_FIXTURES
+        .iter()
+        .map(|name| name.to_string())
+        .chain(["tiny-qwen2-moe.gguf".to_string()])
+        .chain(quantized);
+    for name in names {
+        let model = Model::load_on(fixtures().join(&name), &device, &mut |_| {})
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let (fast_logits, fast_choices) = with_kernel_path(KernelPath::Fast, || run(&model));
         let (reference_logits, reference_choices) =

@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use moera::kernels::moe::{ExpertActivation, RoutingMethod};
-use moera::kernels::{KernelPath, with_kernel_path};
+use moera::kernels::{KernelPath, QuantFormat, QuantizedMatrix, with_kernel_path};
 use moera::models::moe::{Experts, RouterSpec, Routing};
 
 use crate::*;
@@ -222,4 +222,120 @@ fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
             }
         }
     });
+}
+
+/// A `[rows, cols]` matrix of GGUF `format` blocks with random codes and small scales, as
+/// ggml stores them.
+fn random_blocks(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QuantizedMatrix {
+    let (block, bytes, scales): (usize, usize, &[f32]) = match format {
+        QuantFormat::Q4_0 => (32, 18, &[0.02]),
+        QuantFormat::Q4_1 => (32, 20, &[0.02, -0.15]),
+        QuantFormat::Q8_0 => (32, 34, &[0.002]),
+        QuantFormat::Q4K => (256, 144, &[0.0005, 0.0005]),
+        other => panic!("{other} is not a GGUF block format"),
+    };
+    let blocks = rows * cols / block;
+    let noise = pseudo_random(seed, blocks * bytes);
+    let mut data = Vec::with_capacity(blocks * bytes);
+    for (b, noise) in noise.chunks_exact(bytes).enumerate() {
+        // Scales vary a little per block; then every other byte is a random code byte.
+        for (i, scale) in scales.iter().enumerate() {
+            let jitter = 1.0 + 0.5 * noise[i];
+            let value = half::f16::from_f32(scale * jitter * if b % 3 == 0 { -1.0 } else { 1.0 });
+            data.extend(value.to_le_bytes());
+        }
+        data.extend(
+            noise[2 * scales.len()..]
+                .iter()
+                .map(|v| ((v + 1.0) * 127.99) as u8),
+        );
+    }
+    QuantizedMatrix::from_ggml(format, &data, rows, cols).expect("blocks")
+}
+
+/// Quantized experts in every format the kernels decode (GGUF blocks as stored, int8 and
+/// int4 from in-situ quantization): the fused dispatch against the reference path (burn
+/// ops dequantizing on the device) and against f32 experts holding the host-dequantized
+/// weights, for decode (GEMV) and prefill (grouped GEMM) token counts. Intermediate 96 is
+/// ragged against the 64-thread column blocks.
+#[test]
+fn quantized_dispatch_kernel_matches_the_reference_on_wgpu() {
+    let device = wgpu();
+    let int4 = |group, asymmetric| QuantFormat::Int4 { group, asymmetric };
+    let formats = [
+        (QuantFormat::Q4_0, 64, 96),
+        (QuantFormat::Q4_1, 64, 96),
+        (QuantFormat::Q8_0, 64, 96),
+        (QuantFormat::Q4K, 256, 256),
+        (QuantFormat::Int8, 64, 96),
+        (int4(32, true), 64, 96),
+        (int4(64, false), 128, 64),
+    ];
+    let (experts, top_k) = (8, 2);
+    for (format, hidden, inter) in formats {
+        let matrix = |rows: usize, cols: usize, seed: u64| match format {
+            QuantFormat::Int8 | QuantFormat::Int4 { .. } => {
+                let weights: Vec<f32> = pseudo_random(seed, rows * cols)
+                    .iter()
+                    .map(|v| v / (cols as f32).sqrt())
+                    .collect();
+                QuantizedMatrix::quantize(format, &weights, rows, cols).expect("quantize")
+            }
+            _ => random_blocks(format, rows, cols, seed),
+        };
+        let gate_up = matrix(experts * 2 * inter, hidden, 11);
+        let down = matrix(experts * hidden, inter, 12);
+        // The same weights in f32, in the stacked layouts `[E, H, 2I]` and `[E, I, H]`.
+        let (gu, d) = (gate_up.dequantize(), down.dequantize());
+        let mut dense_gate_up = vec![0f32; gu.len()];
+        for e in 0..experts {
+            for j in 0..2 * inter {
+                for h in 0..hidden {
+                    dense_gate_up[(e * hidden + h) * 2 * inter + j] =
+                        gu[(e * 2 * inter + j) * hidden + h];
+                }
+            }
+        }
+        let mut dense_down = vec![0f32; d.len()];
+        for e in 0..experts {
+            for h in 0..hidden {
+                for i in 0..inter {
+                    dense_down[(e * inter + i) * hidden + h] = d[(e * hidden + h) * inter + i];
+                }
+            }
+        }
+        let shape = [experts, hidden, inter];
+        let activation = ExpertActivation::SwiGlu;
+        let quantized = Experts::from_quantized(shape, gate_up, down, activation, &device)
+            .expect("quantized experts");
+        assert_eq!(quantized.is_quantized(), [true, true]);
+        let dense =
+            Experts::from_stacked(shape, dense_gate_up, dense_down, None, activation, &device)
+                .expect("f32 experts");
+        for tokens in [1, 3, 37, 130] {
+            let spread = |t: usize, j: usize| ((t * 7 + j * 3 + t * j) % experts) as u32;
+            let routing = routing(tokens, experts, top_k, spread);
+            let x = pseudo_random(tokens as u64 * 5 + 1, tokens * hidden);
+            let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, hidden]), &device);
+            let (ids, weights) = routing.to_device(&device);
+            let fused = with_kernel_path(KernelPath::Fast, || {
+                quantized.forward_fused(x.clone(), ids, weights)
+            })
+            .expect("the dispatch kernels run on wgpu");
+            let fused = values(fused);
+            let reference = with_kernel_path(KernelPath::Reference, || {
+                values(quantized.forward_sparse(x.clone(), &routing))
+            });
+            let f32_experts = with_kernel_path(KernelPath::Reference, || {
+                values(dense.forward_sparse(x.clone(), &routing))
+            });
+            for (expected, against) in [(reference, "reference"), (f32_experts, "f32 experts")] {
+                let error = relative_error(&fused, &expected);
+                assert!(
+                    error < 1e-5,
+                    "{format} ({tokens} tokens) vs {against}: relative error {error}"
+                );
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The cubecl kernels, reached from burn tensors through a backend extension.
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Cube, Dispatch, DispatchDevice, backend_extension};
+use burn::backend::{Cube, Dispatch, DispatchDevice, ExtensionType, backend_extension};
 use burn::tensor::{DType, Device, Int, IntDType, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device;
@@ -56,13 +56,52 @@ pub trait KernelOps: burn::backend::Backend {
         x: FloatTensor<Self>,
         ids: IntTensor<Self>,
         weights: FloatTensor<Self>,
-        gate_up: FloatTensor<Self>,
+        #[extension_type] gate_up: ExpertWeights<Self>,
         gate_up_bias: FloatTensor<Self>,
-        down: FloatTensor<Self>,
+        #[extension_type] down: ExpertWeights<Self>,
         down_bias: FloatTensor<Self>,
+        experts_inter: (usize, usize),
         has_bias: bool,
         activation: Option<(f32, f32)>,
     ) -> FloatTensor<Self>;
+}
+
+/// One stacked expert projection as the kernels read it (see `moe::ExpertMatrix`).
+#[derive(ExtensionType)]
+pub enum ExpertWeights<B: burn::backend::Backend> {
+    /// f32 `[E, in, out]`.
+    Dense(FloatTensor<B>),
+    /// `[E·out, in]` as packed code words, `scales` / `offsets` `[E·out, in / group]`.
+    Quantized {
+        codes: IntTensor<B>,
+        scales: FloatTensor<B>,
+        offsets: FloatTensor<B>,
+        bits: u32,
+        group: u32,
+        has_offsets: bool,
+    },
+}
+
+impl ExpertWeights<Dispatch> {
+    fn new(matrix: &crate::moe::ExpertMatrix) -> Self {
+        match matrix {
+            crate::moe::ExpertMatrix::Dense(weights) => {
+                Self::Dense(weights.clone().into_dispatch())
+            }
+            crate::moe::ExpertMatrix::Quantized(linear) => {
+                let weights = linear.device_weights();
+                let format = linear.format();
+                Self::Quantized {
+                    codes: weights.codes.clone().into_dispatch(),
+                    scales: weights.scales.clone().into_dispatch(),
+                    offsets: weights.offsets.clone().into_dispatch(),
+                    bits: format.code_bits(),
+                    group: linear.group() as u32,
+                    has_offsets: format.has_offsets(),
+                }
+            }
+        }
+    }
 }
 
 /// Up to this many tokens each output element gets its own reduction over `k` (decode);
@@ -197,10 +236,11 @@ impl KernelOps for Cube {
         x: CubeTensor,
         ids: CubeTensor,
         weights: CubeTensor,
-        gate_up: CubeTensor,
+        gate_up: ExpertWeights<Self>,
         gate_up_bias: CubeTensor,
-        down: CubeTensor,
+        down: ExpertWeights<Self>,
         down_bias: CubeTensor,
+        (experts, inter): (usize, usize),
         has_bias: bool,
         activation: Option<(f32, f32)>,
     ) -> CubeTensor {
@@ -212,11 +252,10 @@ impl KernelOps for Cube {
         let x = into_contiguous(x);
         let ids = into_contiguous(ids);
         let weights = into_contiguous(weights);
-        let gate_up = into_contiguous(gate_up);
-        let down = into_contiguous(down);
+        let gate_up = gate_up.into_contiguous();
+        let down = down.into_contiguous();
         let (tokens, hidden) = (x.meta.shape()[0], x.meta.shape()[1]);
         let top_k = ids.meta.shape()[1];
-        let (experts, inter) = (gate_up.meta.shape()[0], gate_up.meta.shape()[2] / 2);
         let slots = tokens * top_k;
         let client = x.client.clone();
         let device = x.device.clone();
@@ -235,43 +274,112 @@ impl KernelOps for Cube {
                 1,
             )
         };
+        let line_dim = CubeDim::new_1d(moe::LINE_THREADS);
+        // Quantized GEMVs: `GEMV_LANES` lanes per output column, `GEMV_ROWS` columns a cube.
+        let lanes = |columns: usize, rows: usize| {
+            CubeCount::Static(
+                columns.div_ceil(qmatmul::GEMV_ROWS as usize) as u32,
+                rows as u32,
+                1,
+            )
+        };
+        let lanes_dim = CubeDim::new_2d(qmatmul::GEMV_LANES, qmatmul::GEMV_ROWS);
         // A GEMV per slot when decoding or when experts would get few rows each (tiles of
         // mostly padding); the grouped GEMM when each expert's weights serve many rows.
         let rows_per_expert = slots / experts.min(slots).max(1);
         if tokens <= GEMV_MAX_TOKENS || rows_per_expert < MOE_GEMM_MIN_ROWS_PER_EXPERT {
             let act = buffer(vec![slots, inter]);
             unsafe {
-                moe::gemv_gate_up_kernel::launch_unchecked(
-                    &client,
-                    line(inter, slots),
-                    CubeDim::new_1d(moe::LINE_THREADS),
-                    x.into_buffer_arg(),
-                    ids.clone().into_buffer_arg(),
-                    gate_up.into_buffer_arg(),
-                    gate_up_bias.into_buffer_arg(),
-                    act.clone().into_buffer_arg(),
-                    hidden as u32,
-                    inter as u32,
-                    top_k as u32,
-                    alpha,
-                    limit,
-                    has_bias,
-                    clamped,
-                );
-                moe::gemv_down_kernel::launch_unchecked(
-                    &client,
-                    line(hidden, slots),
-                    CubeDim::new_1d(moe::LINE_THREADS),
-                    act.into_buffer_arg(),
-                    ids.into_buffer_arg(),
-                    weights.into_buffer_arg(),
-                    down.into_buffer_arg(),
-                    down_bias.into_buffer_arg(),
-                    out.clone().into_buffer_arg(),
-                    hidden as u32,
-                    inter as u32,
-                    has_bias,
-                );
+                match gate_up {
+                    ExpertWeights::Dense(gate_up) => moe::gemv_gate_up_kernel::launch_unchecked(
+                        &client,
+                        line(inter, slots),
+                        line_dim,
+                        x.into_buffer_arg(),
+                        ids.clone().into_buffer_arg(),
+                        gate_up.into_buffer_arg(),
+                        gate_up_bias.into_buffer_arg(),
+                        act.clone().into_buffer_arg(),
+                        hidden as u32,
+                        inter as u32,
+                        top_k as u32,
+                        alpha,
+                        limit,
+                        has_bias,
+                        clamped,
+                    ),
+                    ExpertWeights::Quantized {
+                        codes,
+                        scales,
+                        offsets,
+                        bits,
+                        group,
+                        has_offsets,
+                    } => moe::qgemv_gate_up_kernel::launch_unchecked(
+                        &client,
+                        lanes(inter, slots),
+                        lanes_dim,
+                        x.into_buffer_arg(),
+                        ids.clone().into_buffer_arg(),
+                        codes.into_buffer_arg(),
+                        scales.into_buffer_arg(),
+                        offsets.into_buffer_arg(),
+                        gate_up_bias.into_buffer_arg(),
+                        act.clone().into_buffer_arg(),
+                        hidden as u32,
+                        inter as u32,
+                        top_k as u32,
+                        group,
+                        alpha,
+                        limit,
+                        bits,
+                        has_offsets,
+                        has_bias,
+                        clamped,
+                    ),
+                }
+                match down {
+                    ExpertWeights::Dense(down) => moe::gemv_down_kernel::launch_unchecked(
+                        &client,
+                        line(hidden, slots),
+                        line_dim,
+                        act.into_buffer_arg(),
+                        ids.into_buffer_arg(),
+                        weights.into_buffer_arg(),
+                        down.into_buffer_arg(),
+                        down_bias.into_buffer_arg(),
+                        out.clone().into_buffer_arg(),
+                        hidden as u32,
+                        inter as u32,
+                        has_bias,
+                    ),
+                    ExpertWeights::Quantized {
+                        codes,
+                        scales,
+                        offsets,
+                        bits,
+                        group,
+                        has_offsets,
+                    } => moe::qgemv_down_kernel::launch_unchecked(
+                        &client,
+                        lanes(hidden, slots),
+                        lanes_dim,
+                        act.into_buffer_arg(),
+                        ids.into_buffer_arg(),
+                        weights.into_buffer_arg(),
+                        codes.into_buffer_arg(),
+                        scales.into_buffer_arg(),
+                        offsets.into_buffer_arg(),
+                        down_bias.into_buffer_arg(),
+                        out.clone().into_buffer_arg(),
+                        hidden as u32,
+                        inter as u32,
+                        group,
+                        bits,
+                        has_offsets,
+                        has_bias,
+                    ),
+                }
             }
             return out;
         }
@@ -284,7 +392,6 @@ impl KernelOps for Cube {
         let block_expert = words(max_blocks + 1);
         let sorted = words(max_blocks * rows);
         let act = buffer(vec![max_blocks * rows, inter]);
-        let line_dim = CubeDim::new_1d(moe::LINE_THREADS);
         unsafe {
             moe::count_kernel::launch_unchecked(
                 &client,
@@ -315,45 +422,133 @@ impl KernelOps for Cube {
                 slots as u32,
                 experts as u32,
             );
-            moe::grouped_gate_up_kernel::launch_unchecked(
-                &client,
-                line(inter, max_blocks),
-                line_dim,
-                x.into_buffer_arg(),
-                sorted.clone().into_buffer_arg(),
-                block_expert.clone().into_buffer_arg(),
-                gate_up.into_buffer_arg(),
-                gate_up_bias.into_buffer_arg(),
-                act.clone().into_buffer_arg(),
-                slots as u32,
-                hidden as u32,
-                inter as u32,
-                top_k as u32,
-                max_blocks as u32,
-                alpha,
-                limit,
-                has_bias,
-                clamped,
-            );
-            moe::grouped_down_kernel::launch_unchecked(
-                &client,
-                line(hidden, max_blocks),
-                line_dim,
-                act.into_buffer_arg(),
-                sorted.into_buffer_arg(),
-                block_expert.into_buffer_arg(),
-                weights.into_buffer_arg(),
-                down.into_buffer_arg(),
-                down_bias.into_buffer_arg(),
-                out.clone().into_buffer_arg(),
-                slots as u32,
-                hidden as u32,
-                inter as u32,
-                max_blocks as u32,
-                has_bias,
-            );
+            match gate_up {
+                ExpertWeights::Dense(gate_up) => moe::grouped_gate_up_kernel::launch_unchecked(
+                    &client,
+                    line(inter, max_blocks),
+                    line_dim,
+                    x.into_buffer_arg(),
+                    sorted.clone().into_buffer_arg(),
+                    block_expert.clone().into_buffer_arg(),
+                    gate_up.into_buffer_arg(),
+                    gate_up_bias.into_buffer_arg(),
+                    act.clone().into_buffer_arg(),
+                    slots as u32,
+                    hidden as u32,
+                    inter as u32,
+                    top_k as u32,
+                    max_blocks as u32,
+                    alpha,
+                    limit,
+                    has_bias,
+                    clamped,
+                ),
+                ExpertWeights::Quantized {
+                    codes,
+                    scales,
+                    offsets,
+                    bits,
+                    group,
+                    has_offsets,
+                } => moe::qgrouped_gate_up_kernel::launch_unchecked(
+                    &client,
+                    line(inter, max_blocks),
+                    line_dim,
+                    x.into_buffer_arg(),
+                    sorted.clone().into_buffer_arg(),
+                    block_expert.clone().into_buffer_arg(),
+                    codes.into_buffer_arg(),
+                    scales.into_buffer_arg(),
+                    offsets.into_buffer_arg(),
+                    gate_up_bias.into_buffer_arg(),
+                    act.clone().into_buffer_arg(),
+                    slots as u32,
+                    hidden as u32,
+                    inter as u32,
+                    top_k as u32,
+                    max_blocks as u32,
+                    group,
+                    alpha,
+                    limit,
+                    bits,
+                    has_offsets,
+                    has_bias,
+                    clamped,
+                ),
+            }
+            match down {
+                ExpertWeights::Dense(down) => moe::grouped_down_kernel::launch_unchecked(
+                    &client,
+                    line(hidden, max_blocks),
+                    line_dim,
+                    act.into_buffer_arg(),
+                    sorted.into_buffer_arg(),
+                    block_expert.into_buffer_arg(),
+                    weights.into_buffer_arg(),
+                    down.into_buffer_arg(),
+                    down_bias.into_buffer_arg(),
+                    out.clone().into_buffer_arg(),
+                    slots as u32,
+                    hidden as u32,
+                    inter as u32,
+                    max_blocks as u32,
+                    has_bias,
+                ),
+                ExpertWeights::Quantized {
+                    codes,
+                    scales,
+                    offsets,
+                    bits,
+                    group,
+                    has_offsets,
+                } => moe::qgrouped_down_kernel::launch_unchecked(
+                    &client,
+                    line(hidden, max_blocks),
+                    line_dim,
+                    act.into_buffer_arg(),
+                    sorted.into_buffer_arg(),
+                    block_expert.into_buffer_arg(),
+                    weights.into_buffer_arg(),
+                    codes.into_buffer_arg(),
+                    scales.into_buffer_arg(),
+                    offsets.into_buffer_arg(),
+                    down_bias.into_buffer_arg(),
+                    out.clone().into_buffer_arg(),
+                    slots as u32,
+                    hidden as u32,
+                    inter as u32,
+                    max_blocks as u32,
+                    group,
+                    bits,
+                    has_offsets,
+                    has_bias,
+                ),
+            }
         }
         out
+    }
+}
+
+impl ExpertWeights<Cube> {
+    fn into_contiguous(self) -> Self {
+        match self {
+            Self::Dense(weights) => Self::Dense(into_contiguous(weights)),
+            Self::Quantized {
+                codes,
+                scales,
+                offsets,
+                bits,
+                group,
+                has_offsets,
+            } => Self::Quantized {
+                codes: into_contiguous(codes),
+                scales: into_contiguous(scales),
+                offsets: into_contiguous(offsets),
+                bits,
+                group,
+                has_offsets,
+            },
+        }
     }
 }
 
@@ -402,16 +597,12 @@ pub fn moe_route(
 }
 
 /// [`KernelOps::moe_experts`] on burn tensors, summed over each token's k slots.
-#[allow(clippy::too_many_arguments)]
 pub fn moe_experts(
     x: Tensor<2>,
     ids: Tensor<2, Int>,
     weights: Tensor<2>,
-    gate_up: Tensor<3>,
-    gate_up_bias: Option<Tensor<2>>,
-    down: Tensor<3>,
-    down_bias: Option<Tensor<2>>,
-    activation: Option<(f32, f32)>,
+    experts: &crate::moe::StackedExperts,
+    [num_experts, inter]: [usize; 2],
 ) -> Tensor<2> {
     let [tokens, hidden] = x.dims();
     let [_, top_k] = ids.dims();
@@ -421,26 +612,34 @@ pub fn moe_experts(
         ids.cast(IntDType::I32)
     };
     let device = x.device();
+    let activation = match experts.activation {
+        crate::moe::ExpertActivation::SwiGlu => None,
+        crate::moe::ExpertActivation::ClampedSwiGlu { alpha, limit } => Some((alpha, limit)),
+    };
     // One bias without the other reads zeros for the missing one.
-    let has_bias = gate_up_bias.is_some() || down_bias.is_some();
-    let [experts, _, width] = gate_up.dims();
+    let has_bias = experts.gate_up_bias.is_some() || experts.down_bias.is_some();
     // Without biases the kernels read none, and `x` stands in for both (no allocation).
     let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device);
-    let (gate_up_bias, down_bias) = match (gate_up_bias, down_bias) {
+    let (gate_up_bias, down_bias) = match (&experts.gate_up_bias, &experts.down_bias) {
         (None, None) => (x.clone(), x.clone()),
         (gate_up_bias, down_bias) => (
-            gate_up_bias.unwrap_or_else(|| zeros([experts, width])),
-            down_bias.unwrap_or_else(|| zeros([experts, hidden])),
+            gate_up_bias
+                .clone()
+                .unwrap_or_else(|| zeros([num_experts, 2 * inter])),
+            down_bias
+                .clone()
+                .unwrap_or_else(|| zeros([num_experts, hidden])),
         ),
     };
     let slots = <Dispatch as KernelOps>::moe_experts(
         x.into_dispatch(),
         ids.into_dispatch(),
         weights.into_dispatch(),
-        gate_up.into_dispatch(),
+        ExpertWeights::new(&experts.gate_up),
         gate_up_bias.into_dispatch(),
-        down.into_dispatch(),
+        ExpertWeights::new(&experts.down),
         down_bias.into_dispatch(),
+        (num_experts, inter),
         has_bias,
         activation,
     );

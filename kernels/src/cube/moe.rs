@@ -4,6 +4,8 @@
 
 use cubecl::prelude::*;
 
+use super::qmatmul::{GEMV_LANES, GEMV_ROWS, decode, lane_dot, sum_lanes};
+
 /// Routing methods, as the comptime `method` of [`route_kernel`].
 pub const SOFTMAX_TOP_K: u32 = 0;
 pub const SOFTMAX_GROUPS: u32 = 1;
@@ -453,6 +455,308 @@ pub fn grouped_down_kernel(
         let mut bias = 0.0f32;
         if has_bias {
             bias = down_bias[(expert * hidden + column) as usize];
+        }
+        #[unroll]
+        for r in 0..ROWS {
+            let slot = sorted[(position0 + r) as usize];
+            if slot < slots {
+                out[(slot * hidden + column) as usize] =
+                    (acc[r as usize] + bias) * routing[slot as usize];
+            }
+        }
+    }
+}
+
+/// The f32 weight at `(row, col)` of a quantized matrix of `k` columns, decoded from its
+/// code word, scale and offset.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn quant_weight(
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    row: u32,
+    col: u32,
+    k: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+) -> f32 {
+    let per_word = 32u32 / bits;
+    let word = codes[(row * (k / per_word) + col / per_word) as usize];
+    let g = (row * (k / group) + col / group) as usize;
+    let mut weight = scales[g] * decode(word, col % per_word, bits);
+    if has_offsets {
+        weight += offsets[g];
+    }
+    weight
+}
+
+/// Decode, gate/up, quantized experts (`[E·2I, H]`, see `ExpertMatrix::Quantized`): the
+/// `GEMV_LANES` lanes of a cube row share one (slot, intermediate column) — the dot products
+/// of the slot's token row with that column's gate row and up row, each lane decoding every
+/// `GEMV_LANES`-th code word — and lane 0 writes the activation.
+#[cube(launch_unchecked)]
+pub fn qgemv_gate_up_kernel(
+    x: &[f32],
+    ids: &[u32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    gate_up_bias: &[f32],
+    act: &mut [f32],
+    hidden: u32,
+    inter: u32,
+    top_k: u32,
+    group: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    let column = CUBE_POS_X * GEMV_ROWS + UNIT_POS_Y;
+    let slot = CUBE_POS_Y;
+    let expert = ids[slot as usize];
+    let gate_row = expert * 2 * inter + column;
+    let x_base = (slot / top_k) * hidden;
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    if column < inter {
+        gate = lane_dot(
+            x,
+            x_base,
+            codes,
+            scales,
+            offsets,
+            gate_row,
+            hidden,
+            group,
+            bits,
+            has_offsets,
+        );
+        up = lane_dot(
+            x,
+            x_base,
+            codes,
+            scales,
+            offsets,
+            gate_row + inter,
+            hidden,
+            group,
+            bits,
+            has_offsets,
+        );
+    }
+    let mut partial = Shared::<[f32]>::new_slice((GEMV_LANES * GEMV_ROWS) as usize);
+    let mut gate_total = sum_lanes(&mut partial, gate);
+    sync_cube();
+    let mut up_total = sum_lanes(&mut partial, up);
+    if UNIT_POS_X == 0 && column < inter {
+        if has_bias {
+            gate_total += gate_up_bias[gate_row as usize];
+            up_total += gate_up_bias[(gate_row + inter) as usize];
+        }
+        act[(slot * inter + column) as usize] =
+            activate(gate_total, up_total, alpha, limit, clamped);
+    }
+}
+
+/// Decode, down, quantized experts (`[E·H, I]`): lanes share one (slot, hidden column) as
+/// in [`qgemv_gate_up_kernel`]; the bias and routing weight are applied by lane 0.
+#[cube(launch_unchecked)]
+pub fn qgemv_down_kernel(
+    act: &[f32],
+    ids: &[u32],
+    routing: &[f32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    down_bias: &[f32],
+    out: &mut [f32],
+    hidden: u32,
+    inter: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+    #[comptime] has_bias: bool,
+) {
+    let column = CUBE_POS_X * GEMV_ROWS + UNIT_POS_Y;
+    let slot = CUBE_POS_Y;
+    let expert = ids[slot as usize];
+    let row = expert * hidden + column;
+    let mut acc = 0.0f32;
+    if column < hidden {
+        acc = lane_dot(
+            act,
+            slot * inter,
+            codes,
+            scales,
+            offsets,
+            row,
+            inter,
+            group,
+            bits,
+            has_offsets,
+        );
+    }
+    let mut partial = Shared::<[f32]>::new_slice((GEMV_LANES * GEMV_ROWS) as usize);
+    let mut total = sum_lanes(&mut partial, acc);
+    if UNIT_POS_X == 0 && column < hidden {
+        if has_bias {
+            total += down_bias[row as usize];
+        }
+        out[(slot * hidden + column) as usize] = total * routing[slot as usize];
+    }
+}
+
+/// Prefill, gate/up, quantized experts: [`grouped_gate_up_kernel`] with each weight decoded
+/// from its code where it is read (once per `ROWS` multiply-adds).
+#[cube(launch_unchecked)]
+pub fn qgrouped_gate_up_kernel(
+    x: &[f32],
+    sorted: &[u32],
+    block_expert: &[u32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    gate_up_bias: &[f32],
+    act: &mut [f32],
+    slots: u32,
+    hidden: u32,
+    inter: u32,
+    top_k: u32,
+    max_blocks: u32,
+    group: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let block = CUBE_POS_Y;
+    if column < inter && block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
+        let gate_row = expert * 2 * inter + column;
+        let position0 = block * ROWS;
+        let mut rows = Array::<u32>::new(ROWS as usize);
+        let mut gate = Array::<f32>::new(ROWS as usize);
+        let mut up = Array::<f32>::new(ROWS as usize);
+        #[unroll]
+        for r in 0..ROWS {
+            let slot = sorted[(position0 + r) as usize];
+            rows[r as usize] = select(slot < slots, (slot / top_k) * hidden, 0u32);
+            gate[r as usize] = 0.0f32;
+            up[r as usize] = 0.0f32;
+        }
+        for h in 0..hidden {
+            let g = quant_weight(
+                codes,
+                scales,
+                offsets,
+                gate_row,
+                h,
+                hidden,
+                group,
+                bits,
+                has_offsets,
+            );
+            let u = quant_weight(
+                codes,
+                scales,
+                offsets,
+                gate_row + inter,
+                h,
+                hidden,
+                group,
+                bits,
+                has_offsets,
+            );
+            #[unroll]
+            for r in 0..ROWS {
+                let xv = x[(rows[r as usize] + h) as usize];
+                gate[r as usize] += xv * g;
+                up[r as usize] += xv * u;
+            }
+        }
+        let mut gate_bias = 0.0f32;
+        let mut up_bias = 0.0f32;
+        if has_bias {
+            gate_bias = gate_up_bias[gate_row as usize];
+            up_bias = gate_up_bias[(gate_row + inter) as usize];
+        }
+        #[unroll]
+        for r in 0..ROWS {
+            let position = position0 + r;
+            if sorted[position as usize] < slots {
+                act[(position * inter + column) as usize] = activate(
+                    gate[r as usize] + gate_bias,
+                    up[r as usize] + up_bias,
+                    alpha,
+                    limit,
+                    clamped,
+                );
+            }
+        }
+    }
+}
+
+/// Prefill, down, quantized experts: [`grouped_down_kernel`] decoding each weight where it
+/// is read.
+#[cube(launch_unchecked)]
+pub fn qgrouped_down_kernel(
+    act: &[f32],
+    sorted: &[u32],
+    block_expert: &[u32],
+    routing: &[f32],
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    down_bias: &[f32],
+    out: &mut [f32],
+    slots: u32,
+    hidden: u32,
+    inter: u32,
+    max_blocks: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+    #[comptime] has_bias: bool,
+) {
+    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let block = CUBE_POS_Y;
+    if column < hidden && block < block_expert[max_blocks as usize] {
+        let expert = block_expert[block as usize];
+        let row = expert * hidden + column;
+        let position0 = block * ROWS;
+        let mut acc = Array::<f32>::new(ROWS as usize);
+        #[unroll]
+        for r in 0..ROWS {
+            acc[r as usize] = 0.0f32;
+        }
+        for i in 0..inter {
+            let w = quant_weight(
+                codes,
+                scales,
+                offsets,
+                row,
+                i,
+                inter,
+                group,
+                bits,
+                has_offsets,
+            );
+            #[unroll]
+            for r in 0..ROWS {
+                acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
+            }
+        }
+        let mut bias = 0.0f32;
+        if has_bias {
+            bias = down_bias[row as usize];
         }
         #[unroll]
         for r in 0..ROWS {

@@ -23,7 +23,7 @@ pub struct Dims {
 
 /// Code `i` of `word` as the integer it stands for: unsigned 4-bit, two's complement 8-bit.
 #[cube]
-fn decode(word: u32, i: u32, #[comptime] bits: u32) -> f32 {
+pub fn decode(word: u32, i: u32, #[comptime] bits: u32) -> f32 {
     let field = (word >> (i * bits)) & ((1u32 << bits) - 1);
     let value = f32::cast_from(field);
     if bits == 8 {
@@ -33,9 +33,69 @@ fn decode(word: u32, i: u32, #[comptime] bits: u32) -> f32 {
     }
 }
 
-/// One output element per `GEMV_LANES` lanes: each lane decodes whole code words (so the
-/// scale and offset are read once per word) and accumulates `scale·Σ x·q + offset·Σ x`;
-/// the lanes then reduce in shared memory.
+/// One lane's share of `x[x_base..x_base + k] · W[row]`: the lane decodes every
+/// `GEMV_LANES`-th code word of the row (so the scale and offset are read once per word) and
+/// accumulates `scale·Σ x·q + offset·Σ x`. [`sum_lanes`] adds the lanes up.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn lane_dot(
+    x: &[f32],
+    x_base: u32,
+    codes: &[u32],
+    scales: &[f32],
+    offsets: &[f32],
+    row: u32,
+    k: u32,
+    group: u32,
+    #[comptime] bits: u32,
+    #[comptime] has_offsets: bool,
+) -> f32 {
+    let per_word = 32u32 / bits;
+    let words = k / per_word;
+    let groups = k / group;
+    let mut acc = 0.0f32;
+    for w in range_stepped(UNIT_POS_X, words, GEMV_LANES) {
+        let word = codes[(row * words + w) as usize];
+        let col = w * per_word;
+        let g = (row * groups + col / group) as usize;
+        let base = (x_base + col) as usize;
+        let mut dot = 0.0f32;
+        let mut sum = 0.0f32;
+        #[unroll]
+        for i in 0..per_word {
+            let xv = x[base + i as usize];
+            dot += xv * decode(word, i, bits);
+            sum += xv;
+        }
+        acc += scales[g] * dot;
+        if has_offsets {
+            acc += offsets[g] * sum;
+        }
+    }
+    acc
+}
+
+/// The sum of `value` over the `GEMV_LANES` lanes of each row of the cube (`UNIT_POS_Y`),
+/// through `partial` (one slot per unit); valid in lane 0. Every unit must call it.
+#[cube]
+pub fn sum_lanes(partial: &mut Shared<[f32]>, value: f32) -> f32 {
+    let lane = UNIT_POS_X;
+    let slot = (UNIT_POS_Y * GEMV_LANES + lane) as usize;
+    partial[slot] = value;
+    sync_cube();
+    #[unroll]
+    for level in 1..GEMV_LANES_LOG2 + 1 {
+        let stride = GEMV_LANES >> level;
+        if lane < stride {
+            partial[slot] += partial[slot + stride as usize];
+        }
+        sync_cube();
+    }
+    partial[slot]
+}
+
+/// One output element per `GEMV_LANES` lanes ([`lane_dot`], then [`sum_lanes`]),
+/// `GEMV_ROWS` output rows per cube.
 #[cube(launch_unchecked)]
 pub fn qgemv_kernel(
     x: &[f32],
@@ -50,48 +110,27 @@ pub fn qgemv_kernel(
     #[comptime] bits: u32,
     #[comptime] has_offsets: bool,
 ) {
-    let per_word = 32u32 / bits;
-    let lane = UNIT_POS_X;
-    let local_row = UNIT_POS_Y;
-    let row = CUBE_POS_X * GEMV_ROWS + local_row;
+    let row = CUBE_POS_X * GEMV_ROWS + UNIT_POS_Y;
     let token = CUBE_POS_Y;
-    let words = k / per_word;
-    let groups = k / group;
     let mut acc = 0.0f32;
     if row < n {
-        for w in range_stepped(lane, words, GEMV_LANES) {
-            let word = codes[(row * words + w) as usize];
-            let col = w * per_word;
-            let g = (row * groups + col / group) as usize;
-            let base = (token * k + col) as usize;
-            let mut dot = 0.0f32;
-            let mut sum = 0.0f32;
-            #[unroll]
-            for i in 0..per_word {
-                let xv = x[base + i as usize];
-                dot += xv * decode(word, i, bits);
-                sum += xv;
-            }
-            acc += scales[g] * dot;
-            if has_offsets {
-                acc += offsets[g] * sum;
-            }
-        }
+        acc = lane_dot(
+            x,
+            token * k,
+            codes,
+            scales,
+            offsets,
+            row,
+            k,
+            group,
+            bits,
+            has_offsets,
+        );
     }
     let mut partial = Shared::<[f32]>::new_slice((GEMV_LANES * GEMV_ROWS) as usize);
-    let slot = (local_row * GEMV_LANES + lane) as usize;
-    partial[slot] = acc;
-    sync_cube();
-    #[unroll]
-    for level in 1..GEMV_LANES_LOG2 + 1 {
-        let stride = GEMV_LANES >> level;
-        if lane < stride {
-            partial[slot] += partial[slot + stride as usize];
-        }
-        sync_cube();
-    }
-    if lane == 0 && row < n {
-        out[(token * n + row) as usize] = partial[slot];
+    let total = sum_lanes(&mut partial, acc);
+    if UNIT_POS_X == 0 && row < n {
+        out[(token * n + row) as usize] = total;
     }
 }
 
