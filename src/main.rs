@@ -52,6 +52,9 @@ struct ModelArgs {
     /// parameters, int8 above 7B), none (all f32), int8 or int4.
     #[arg(long, default_value = "auto")]
     quant: String,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -184,6 +187,7 @@ fn load(args: &ModelArgs) -> Result<Model> {
     let started = std::time::Instant::now();
     let options = LoadOptions {
         quantization: args.quant.parse()?,
+        adapter: args.adapter.clone(),
     };
     let model = Model::load_with(&path, &device, options, &mut |p| {
         bar.set_length(p.total as u64);

@@ -38,6 +38,8 @@ pub enum Error {
     Safetensors { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("{path}: LoRA adapter: {reason}")]
+    Adapter { path: PathBuf, reason: String },
     #[error("{path}: unknown architecture `{architecture}` (supported: {supported})")]
     UnknownArchitecture {
         path: PathBuf,

@@ -17,6 +17,7 @@
 //! # }
 //! ```
 
+pub mod adapter;
 pub mod chat;
 pub mod device;
 pub mod error;

@@ -10,6 +10,7 @@ use moera_models::{CausalLm, LogitsMode, ModelError, RouterTrace};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
+use crate::adapter::{Adapted, PeftAdapter};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::device::DeviceKind;
 use crate::error::{Error, Result};
@@ -26,10 +27,12 @@ pub struct LoadProgress {
 }
 
 /// Options of [`Model::load_with`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Precision of the linear weights.
     pub quantization: Quantization,
+    /// A PEFT LoRA adapter folder applied on top of the weights.
+    pub adapter: Option<PathBuf>,
 }
 
 /// A language model ready to score and generate.
@@ -328,6 +331,14 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     }
 }
 
+fn open_adapter(options: &LoadOptions) -> Result<Option<PeftAdapter>> {
+    options
+        .adapter
+        .as_deref()
+        .map(PeftAdapter::open)
+        .transpose()
+}
+
 fn load_folder(
     dir: &Path,
     device: &Device,
@@ -342,7 +353,12 @@ fn load_folder(
     let format = options
         .quantization
         .in_situ_format(weights.parameter_count());
-    let source = Quantizing::new(&weights, format);
+    let quantizing = Quantizing::new(&weights, format);
+    let adapter = open_adapter(&options)?;
+    let source = Adapted {
+        inner: &quantizing,
+        adapter: adapter.as_ref(),
+    };
     let model = architecture
         .load(&config_json, &source, device, progress)
         .map_err(|e| match e {
@@ -358,6 +374,10 @@ fn load_folder(
             ModelError::Config(_) => model_error(&config_path)(e),
             _ => model_error(dir)(e),
         })?;
+    adapter
+        .as_ref()
+        .map(PeftAdapter::check_all_used)
+        .transpose()?;
     let architecture = architecture.model_type().to_string();
 
     let tokenizer_path = dir.join("tokenizer.json");
@@ -411,7 +431,7 @@ fn load_folder(
         default_sampling,
         architecture,
         path: dir.to_path_buf(),
-        weight_memory: source.memory.get(),
+        weight_memory: quantizing.memory.get(),
     })
 }
 
@@ -466,10 +486,19 @@ fn load_gguf(
         Quantization::Auto => None,
         other => other.in_situ_format(0),
     };
-    let source = Quantizing::new(&weights, format);
+    let quantizing = Quantizing::new(&weights, format);
+    let adapter = open_adapter(&options)?;
+    let source = Adapted {
+        inner: &quantizing,
+        adapter: adapter.as_ref(),
+    };
     let model = kind
         .load(&config, &source, device, progress)
         .map_err(model_error(path))?;
+    adapter
+        .as_ref()
+        .map(PeftAdapter::check_all_used)
+        .transpose()?;
     let architecture = kind.model_type().to_string();
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
@@ -516,6 +545,6 @@ fn load_gguf(
         default_sampling: SamplingParams::default(),
         architecture,
         path: path.to_path_buf(),
-        weight_memory: source.memory.get(),
+        weight_memory: quantizing.memory.get(),
     })
 }

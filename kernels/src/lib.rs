@@ -43,6 +43,8 @@ pub enum KernelError {
     NotAGgmlFormat(QuantFormat),
     #[error("{0} cannot be produced by in-situ quantization (use int8 or int4)")]
     NotAnInSituFormat(QuantFormat),
+    #[error("MoE kernel tiles: {0}")]
+    Tiles(String),
 }
 
 /// Which implementation of each operation runs.

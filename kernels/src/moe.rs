@@ -12,7 +12,7 @@
 
 use burn::tensor::{Int, Tensor};
 
-use crate::QuantLinear;
+use crate::{KernelError, QuantLinear};
 
 /// How router logits become expert ids and weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +111,113 @@ impl StackedExperts {
             ExpertMatrix::Quantized(down) => down.dims()[1],
         }
     }
+}
+
+/// Tile sizes and regime thresholds of the dispatch kernels, process-wide
+/// ([`set_moe_tiles`]; `MOERA_MOE_TILES=block_rows,threads` in the environment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeTiles {
+    /// Sorted (token, k) slots per block of the grouped GEMM (1 to 32): every expert's
+    /// segment is padded to a multiple of it, and each thread computes one output column
+    /// for all of them, so one weight read feeds `block_rows` multiply-adds.
+    pub block_rows: u32,
+    /// Threads per cube of the one-thread-per-column kernels (a power of two, 32 to 1024).
+    pub threads: u32,
+    /// Up to this many tokens a GEMV runs per (token, expert) slot (decode).
+    pub gemv_max_tokens: usize,
+    /// The grouped GEMM runs only from this many slots per expert on average (below, its
+    /// blocks would be mostly padding).
+    pub gemm_min_rows_per_expert: usize,
+}
+
+impl MoeTiles {
+    /// Measured on lavapipe (see BENCHMARKS.md); GPUs may prefer others.
+    pub const DEFAULT: Self = Self {
+        block_rows: 8,
+        threads: 64,
+        gemv_max_tokens: 4,
+        gemm_min_rows_per_expert: 4,
+    };
+
+    fn check(self) -> Result<Self, KernelError> {
+        if !(1..=32).contains(&self.block_rows)
+            || !self.threads.is_power_of_two()
+            || !(32..=1024).contains(&self.threads)
+        {
+            return Err(KernelError::Tiles(format!(
+                "block_rows {} (1 to 32), threads {} (a power of two, 32 to 1024)",
+                self.block_rows, self.threads
+            )));
+        }
+        Ok(self)
+    }
+}
+
+impl Default for MoeTiles {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+static TILES: std::sync::RwLock<Option<MoeTiles>> = std::sync::RwLock::new(None);
+
+thread_local! {
+    static THREAD_TILES: std::cell::Cell<Option<MoeTiles>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's dispatches on `tiles`, whatever the process-wide setting
+/// (comparing tile sizes inside one process).
+pub fn with_moe_tiles<R>(tiles: MoeTiles, f: impl FnOnce() -> R) -> Result<R, KernelError> {
+    let tiles = tiles.check()?;
+    let previous = THREAD_TILES.with(|t| t.replace(Some(tiles)));
+    let result = f();
+    THREAD_TILES.with(|t| t.set(previous));
+    Ok(result)
+}
+
+/// Sets the dispatch kernels' tiles for the rest of the process.
+pub fn set_moe_tiles(tiles: MoeTiles) -> Result<(), KernelError> {
+    let tiles = tiles.check()?;
+    *TILES.write().unwrap_or_else(|e| e.into_inner()) = Some(tiles);
+    Ok(())
+}
+
+/// The tiles in use: as set by [`with_moe_tiles`] on this thread, else by
+/// [`set_moe_tiles`], else from `MOERA_MOE_TILES` (`block_rows,threads`; ignored with a
+/// warning when malformed), else [`MoeTiles::DEFAULT`].
+pub fn moe_tiles() -> MoeTiles {
+    if let Some(tiles) = THREAD_TILES.with(|t| t.get()) {
+        return tiles;
+    }
+    if let Some(tiles) = *TILES.read().unwrap_or_else(|e| e.into_inner()) {
+        return tiles;
+    }
+    let tiles = match std::env::var("MOERA_MOE_TILES") {
+        Ok(value) => parse_tiles(&value).unwrap_or_else(|e| {
+            tracing::warn!("MOERA_MOE_TILES={value}: {e}; using the defaults");
+            MoeTiles::DEFAULT
+        }),
+        Err(_) => MoeTiles::DEFAULT,
+    };
+    *TILES.write().unwrap_or_else(|e| e.into_inner()) = Some(tiles);
+    tiles
+}
+
+fn parse_tiles(value: &str) -> Result<MoeTiles, KernelError> {
+    let numbers: Vec<u32> = value
+        .split(',')
+        .map(|n| n.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| KernelError::Tiles(format!("{e}")))?;
+    let [block_rows, threads] = numbers[..] else {
+        return Err(KernelError::Tiles("expected block_rows,threads".into()));
+    };
+    MoeTiles {
+        block_rows,
+        threads,
+        ..MoeTiles::DEFAULT
+    }
+    .check()
 }
 
 /// Groups the routing kernel keeps as a bit mask.
@@ -214,11 +321,40 @@ pub fn dispatch(
             weights,
             experts,
             [experts.num_experts(), experts.intermediate()],
+            moe_tiles(),
         ))
     }
     #[cfg(not(feature = "cube"))]
     {
         let _ = (ids, weights, experts);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_parse_and_reject_bad_sizes() {
+        let tiles = parse_tiles("16, 128").expect("valid");
+        assert_eq!((tiles.block_rows, tiles.threads), (16, 128));
+        assert_eq!(tiles.gemv_max_tokens, MoeTiles::DEFAULT.gemv_max_tokens);
+        for bad in [
+            "0,64", "33,64", "8,48", "8,16", "8,2048", "8", "8,64,1", "eight,64", "",
+        ] {
+            assert!(
+                matches!(parse_tiles(bad), Err(KernelError::Tiles(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let bad = MoeTiles {
+            threads: 100,
+            ..MoeTiles::DEFAULT
+        };
+        assert!(set_moe_tiles(bad).is_err());
+        assert!(with_moe_tiles(bad, || ()).is_err());
+        let inner = with_moe_tiles(tiles, moe_tiles).expect("valid");
+        assert_eq!(inner, tiles);
     }
 }

@@ -85,6 +85,18 @@ pub trait WeightSource {
     fn expert_weight(&self, name: &str, shape: [usize; 3]) -> Result<LinearWeight, ModelError> {
         moe::check_stacked(name, self.tensor(name)?, &shape).map(LinearWeight::Dense)
     }
+
+    /// A LoRA adapter for the linear layer `prefix` (e.g. `model.layers.0.self_attn.q_proj`)
+    /// of `in_features` → `out_features`, if the source carries one: none by default.
+    fn lora(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Option<nn::LoraWeights>, ModelError> {
+        let _ = (prefix, in_features, out_features);
+        Ok(None)
+    }
 }
 
 /// A linear layer's weight as a [`WeightSource`] hands it over.

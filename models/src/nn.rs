@@ -45,13 +45,73 @@ pub fn load_checked<const D: usize>(
 }
 
 /// A linear layer `y = x·Wᵀ + b`: `W` as f32, kept transposed (`[in, out]`) for the
-/// matmul, or quantized for the dequant-matmul kernels.
+/// matmul, or quantized for the dequant-matmul kernels; optionally with a LoRA adapter
+/// adding `s·(x·A)·B`.
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Option<Param<Tensor<2>>>,
     #[module(skip)]
     pub quantized: Option<QuantLinear>,
     pub bias: Option<Param<Tensor<1>>>,
+    pub lora: Option<LoraAdapter>,
+}
+
+/// A low-rank update of a linear layer: `y += scale · (x·A)·B`, `A` `[in, r]`, `B`
+/// `[r, out]` (PEFT stores their transposes, `lora_A` `[r, in]` and `lora_B` `[out, r]`).
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    pub a: Param<Tensor<2>>,
+    pub b: Param<Tensor<2>>,
+    #[module(skip)]
+    pub scale: f32,
+}
+
+/// A LoRA adapter's factors as a [`WeightSource`] hands them over, in PEFT's layout.
+#[derive(Debug)]
+pub struct LoraWeights {
+    /// `lora_A` `[r, in]`.
+    pub a: TensorData,
+    /// `lora_B` `[out, r]`.
+    pub b: TensorData,
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub scale: f32,
+}
+
+impl LoraAdapter {
+    /// Wraps PEFT-layout factors for a layer of `in_features` → `out_features`, checking
+    /// their shapes.
+    pub fn new(
+        name: &str,
+        weights: LoraWeights,
+        in_features: usize,
+        out_features: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let rank = weights.a.shape().first().copied().unwrap_or(0);
+        check_shape(
+            &format!("{name}.lora_A.weight"),
+            &weights.a,
+            &[rank, in_features],
+        )?;
+        check_shape(
+            &format!("{name}.lora_B.weight"),
+            &weights.b,
+            &[out_features, rank],
+        )?;
+        let param =
+            |data: &TensorData| Param::from_tensor(Tensor::from_data(transpose_2d(data), device));
+        Ok(Self {
+            a: param(&weights.a),
+            b: param(&weights.b),
+            scale: weights.scale,
+        })
+    }
+
+    /// `scale · (x·A)·B`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let down = burn::tensor::module::linear(x, self.a.val(), None);
+        burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
+    }
 }
 
 impl Linear {
@@ -73,7 +133,12 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self::from_weight(weight, bias, device))
+        let mut linear = Self::from_weight(weight, bias, device);
+        if let Some(lora) = source.lora(prefix, in_features, out_features)? {
+            let adapter = LoraAdapter::new(prefix, lora, in_features, out_features, device)?;
+            linear.lora = Some(adapter);
+        }
+        Ok(linear)
     }
 
     /// Wraps a weight as a source handed it over.
@@ -88,6 +153,7 @@ impl Linear {
                 weight: None,
                 quantized: Some(QuantLinear::new(matrix, device)),
                 bias,
+                lora: None,
             },
         }
     }
@@ -104,12 +170,14 @@ impl Linear {
             weight: Some(Param::from_tensor(weight)),
             quantized: None,
             bias,
+            lora: None,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
-        match (&self.weight, &self.quantized) {
+        let lora = self.lora.as_ref().map(|adapter| adapter.forward(x.clone()));
+        let y = match (&self.weight, &self.quantized) {
             (Some(weight), _) => burn::tensor::module::linear(x, weight.val(), bias),
             (None, Some(quantized)) => {
                 let y = quantized.forward(x);
@@ -119,6 +187,10 @@ impl Linear {
                 }
             }
             (None, None) => unreachable!("a linear layer has a dense or a quantized weight"),
+        };
+        match lora {
+            Some(update) => y + update,
+            None => y,
         }
     }
 }

@@ -7,5 +7,6 @@ mod common;
 mod generation;
 mod gguf;
 mod llama_parity;
+mod lora;
 mod moe_parity;
 mod smollm2;

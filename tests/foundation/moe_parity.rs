@@ -260,6 +260,7 @@ fn quantized_moe_gguf_files_match_transformers_on_wgpu() {
 fn check_in_situ_int8(device: &Device) {
     let options = || moera::engine::LoadOptions {
         quantization: moera::engine::Quantization::Int8,
+        ..Default::default()
     };
     for name in ["tiny-mixtral", "tiny-qwen2-moe"] {
         let model = Model::load_with(fixtures().join(name), device, options(), &mut |_| {})

@@ -23,6 +23,7 @@ fn dequantized_model() -> Option<&'static Model> {
             smollm2_path().map(|path| {
                 let options = LoadOptions {
                     quantization: Quantization::None,
+                    ..Default::default()
                 };
                 Model::load_with(&path, &flex(), options, &mut |_| {}).unwrap()
             })

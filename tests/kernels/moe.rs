@@ -3,7 +3,7 @@
 //! reference path. The kernels run on cube devices only, so these tests need `wgpu`.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moera::kernels::moe::{ExpertActivation, RoutingMethod};
+use moera::kernels::moe::{ExpertActivation, MoeTiles, RoutingMethod, with_moe_tiles};
 use moera::kernels::{KernelPath, QuantFormat, QuantizedMatrix, with_kernel_path};
 use moera::models::moe::{Experts, RouterSpec, Routing};
 
@@ -200,8 +200,25 @@ fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
         (64, 8, 33, low_half, "odd experts get no tokens"),
         (64, 8, 3, low_half, "decode, 64 experts"),
     ];
+    // The default tiles, and others: odd blocks of 3 slots, 32 and 128 threads per cube.
+    let tile_choices = [
+        MoeTiles::DEFAULT,
+        MoeTiles {
+            block_rows: 3,
+            threads: 32,
+            ..MoeTiles::DEFAULT
+        },
+        MoeTiles {
+            block_rows: 16,
+            threads: 128,
+            ..MoeTiles::DEFAULT
+        },
+    ];
     with_kernel_path(KernelPath::Fast, || {
-        for gpt_oss in [false, true] {
+        for (gpt_oss, tiles) in [false, true]
+            .into_iter()
+            .flat_map(|g| tile_choices.map(|t| (g, t)))
+        {
             for &(experts, top_k, tokens, pick, what) in cases {
                 let (hidden, inter) = (40, 24);
                 let module = experts_module(experts, hidden, inter, gpt_oss, &device);
@@ -209,15 +226,15 @@ fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
                 let x = pseudo_random(tokens as u64 * 5 + 1, tokens * hidden);
                 let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, hidden]), &device);
                 let (ids, weights) = routing.to_device(&device);
-                let fused = module
-                    .forward_fused(x.clone(), ids, weights)
+                let fused = with_moe_tiles(tiles, || module.forward_fused(x.clone(), ids, weights))
+                    .expect("valid tiles")
                     .expect("the dispatch kernels run on wgpu");
                 let reference = module.forward_sparse(x, &routing);
                 let error = relative_error(&values(fused), &values(reference));
                 assert!(
                     error < 1e-5,
-                    "{what} (E{experts} k{top_k} t{tokens}, GPT-OSS experts: {gpt_oss}): \
-                     relative error {error}"
+                    "{what} (E{experts} k{top_k} t{tokens}, GPT-OSS experts: {gpt_oss}, \
+                     {tiles:?}): relative error {error}"
                 );
             }
         }
@@ -256,8 +273,9 @@ fn random_blocks(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Qu
 /// Quantized experts in every format the kernels decode (GGUF blocks as stored, int8 and
 /// int4 from in-situ quantization): the fused dispatch against the reference path (burn
 /// ops dequantizing on the device) and against f32 experts holding the host-dequantized
-/// weights, for decode (GEMV) and prefill (grouped GEMM) token counts. Intermediate 96 is
-/// ragged against the 64-thread column blocks.
+/// weights, for decode (GEMV) and prefill (grouped GEMM) token counts, with the default
+/// tiles and with blocks of 5 slots × 128 threads. Intermediate 96 is ragged against the
+/// 64- and 128-thread column blocks.
 #[test]
 fn quantized_dispatch_kernel_matches_the_reference_on_wgpu() {
     let device = wgpu();
@@ -318,23 +336,33 @@ fn quantized_dispatch_kernel_matches_the_reference_on_wgpu() {
             let x = pseudo_random(tokens as u64 * 5 + 1, tokens * hidden);
             let x = Tensor::<2>::from_data(TensorData::new(x, [tokens, hidden]), &device);
             let (ids, weights) = routing.to_device(&device);
-            let fused = with_kernel_path(KernelPath::Fast, || {
-                quantized.forward_fused(x.clone(), ids, weights)
-            })
-            .expect("the dispatch kernels run on wgpu");
-            let fused = values(fused);
             let reference = with_kernel_path(KernelPath::Reference, || {
                 values(quantized.forward_sparse(x.clone(), &routing))
             });
             let f32_experts = with_kernel_path(KernelPath::Reference, || {
                 values(dense.forward_sparse(x.clone(), &routing))
             });
-            for (expected, against) in [(reference, "reference"), (f32_experts, "f32 experts")] {
-                let error = relative_error(&fused, &expected);
-                assert!(
-                    error < 1e-5,
-                    "{format} ({tokens} tokens) vs {against}: relative error {error}"
-                );
+            let other_tiles = MoeTiles {
+                block_rows: 5,
+                threads: 128,
+                ..MoeTiles::DEFAULT
+            };
+            for tiles in [MoeTiles::DEFAULT, other_tiles] {
+                let fused = with_kernel_path(KernelPath::Fast, || {
+                    with_moe_tiles(tiles, || {
+                        quantized.forward_fused(x.clone(), ids.clone(), weights.clone())
+                    })
+                })
+                .expect("valid tiles")
+                .expect("the dispatch kernels run on wgpu");
+                let fused = values(fused);
+                for (expected, against) in [(&reference, "reference"), (&f32_experts, "f32")] {
+                    let error = relative_error(&fused, expected);
+                    assert!(
+                        error < 1e-5,
+                        "{format} ({tokens} tokens, {tiles:?}) vs {against}: relative error {error}"
+                    );
+                }
             }
         }
     }

@@ -61,6 +61,7 @@ pub trait KernelOps: burn::backend::Backend {
         #[extension_type] down: ExpertWeights<Self>,
         down_bias: FloatTensor<Self>,
         experts_inter: (usize, usize),
+        tiles: crate::moe::MoeTiles,
         has_bias: bool,
         activation: Option<(f32, f32)>,
     ) -> FloatTensor<Self>;
@@ -107,9 +108,6 @@ impl ExpertWeights<Dispatch> {
 /// Up to this many tokens each output element gets its own reduction over `k` (decode);
 /// above it, the tiled GEMM (prefill).
 const GEMV_MAX_TOKENS: usize = 4;
-/// The MoE dispatch takes the grouped GEMM from this many (token, k) slots per expert on
-/// average (below, blocks of `moe::ROWS` would be mostly padding).
-const MOE_GEMM_MIN_ROWS_PER_EXPERT: usize = 4;
 
 impl KernelOps for Cube {
     fn quant_matmul(
@@ -241,6 +239,7 @@ impl KernelOps for Cube {
         down: ExpertWeights<Self>,
         down_bias: CubeTensor,
         (experts, inter): (usize, usize),
+        tiles: crate::moe::MoeTiles,
         has_bias: bool,
         activation: Option<(f32, f32)>,
     ) -> CubeTensor {
@@ -269,12 +268,12 @@ impl KernelOps for Cube {
         let out = buffer(vec![slots, hidden]);
         let line = |columns: usize, rows: usize| {
             CubeCount::Static(
-                columns.div_ceil(moe::LINE_THREADS as usize) as u32,
+                columns.div_ceil(tiles.threads as usize) as u32,
                 rows as u32,
                 1,
             )
         };
-        let line_dim = CubeDim::new_1d(moe::LINE_THREADS);
+        let line_dim = CubeDim::new_1d(tiles.threads);
         // Quantized GEMVs: `GEMV_LANES` lanes per output column, `GEMV_ROWS` columns a cube.
         let lanes = |columns: usize, rows: usize| {
             CubeCount::Static(
@@ -287,7 +286,7 @@ impl KernelOps for Cube {
         // A GEMV per slot when decoding or when experts would get few rows each (tiles of
         // mostly padding); the grouped GEMM when each expert's weights serve many rows.
         let rows_per_expert = slots / experts.min(slots).max(1);
-        if tokens <= GEMV_MAX_TOKENS || rows_per_expert < MOE_GEMM_MIN_ROWS_PER_EXPERT {
+        if tokens <= tiles.gemv_max_tokens || rows_per_expert < tiles.gemm_min_rows_per_expert {
             let act = buffer(vec![slots, inter]);
             unsafe {
                 match gate_up {
@@ -385,7 +384,8 @@ impl KernelOps for Cube {
         }
         // Every expert's segment is padded to whole blocks: at most one partial block per
         // expert that received a slot.
-        let rows = moe::ROWS as usize;
+        let block_rows = tiles.block_rows;
+        let rows = block_rows as usize;
         let max_blocks = slots.div_ceil(rows) + experts.min(slots);
         let counts = words(experts);
         let offsets = words(experts + 1);
@@ -411,6 +411,7 @@ impl KernelOps for Cube {
                 block_expert.clone().into_buffer_arg(),
                 experts as u32,
                 max_blocks as u32,
+                block_rows,
             );
             moe::scatter_kernel::launch_unchecked(
                 &client,
@@ -440,6 +441,7 @@ impl KernelOps for Cube {
                     max_blocks as u32,
                     alpha,
                     limit,
+                    block_rows,
                     has_bias,
                     clamped,
                 ),
@@ -470,6 +472,7 @@ impl KernelOps for Cube {
                     group,
                     alpha,
                     limit,
+                    block_rows,
                     bits,
                     has_offsets,
                     has_bias,
@@ -492,6 +495,7 @@ impl KernelOps for Cube {
                     hidden as u32,
                     inter as u32,
                     max_blocks as u32,
+                    block_rows,
                     has_bias,
                 ),
                 ExpertWeights::Quantized {
@@ -519,6 +523,7 @@ impl KernelOps for Cube {
                     inter as u32,
                     max_blocks as u32,
                     group,
+                    block_rows,
                     bits,
                     has_offsets,
                     has_bias,
@@ -603,6 +608,7 @@ pub fn moe_experts(
     weights: Tensor<2>,
     experts: &crate::moe::StackedExperts,
     [num_experts, inter]: [usize; 2],
+    tiles: crate::moe::MoeTiles,
 ) -> Tensor<2> {
     let [tokens, hidden] = x.dims();
     let [_, top_k] = ids.dims();
@@ -640,6 +646,7 @@ pub fn moe_experts(
         ExpertWeights::new(&experts.down),
         down_bias.into_dispatch(),
         (num_experts, inter),
+        tiles,
         has_bias,
         activation,
     );

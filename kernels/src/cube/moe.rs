@@ -1,6 +1,7 @@
 //! Mixture-of-experts kernels: fused top-k routing, the counting sort of (token, k) slots by
 //! expert, and the grouped expert GEMMs (decode: a GEMV per slot; prefill: blocks of
-//! `ROWS` sorted slots × one column per thread over the block-padded segments).
+//! `block_rows` sorted slots × one column per thread over the block-padded segments). The
+//! tile sizes (`block_rows`, threads per cube) come from `moe::MoeTiles`.
 
 use cubecl::prelude::*;
 
@@ -14,12 +15,6 @@ pub const TOP_K_SOFTMAX: u32 = 3;
 
 /// Tokens per cube of the routing kernel (one thread routes one token).
 pub const ROUTE_THREADS: u32 = 64;
-/// Threads per cube of the one-thread-per-column kernels (counting, GEMV).
-pub const LINE_THREADS: u32 = 64;
-/// Sorted slots per block of the grouped kernels: every expert's segment is padded to a
-/// multiple of it, and each thread of a block computes one output column for all of them,
-/// so one weight read feeds `ROWS` multiply-adds.
-pub const ROWS: u32 = 8;
 
 /// Below every biased sigmoid score: the choice value of experts outside the kept groups
 /// (and the empty second place of a group). A mutable variable starting from it needs
@@ -226,7 +221,7 @@ pub fn gemv_gate_up_kernel(
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let slot = CUBE_POS_Y;
     if column < inter {
         let expert = ids[slot as usize];
@@ -263,7 +258,7 @@ pub fn gemv_down_kernel(
     inter: u32,
     #[comptime] has_bias: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let slot = CUBE_POS_Y;
     if column < hidden {
         let expert = ids[slot as usize];
@@ -283,7 +278,7 @@ pub fn gemv_down_kernel(
 /// Histogram: one thread per expert counts its slots.
 #[cube(launch_unchecked)]
 pub fn count_kernel(ids: &[u32], counts: &mut [u32], slots: u32, experts: u32) {
-    let expert = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let expert = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     if expert < experts {
         let mut count = 0u32;
         for s in 0..slots {
@@ -296,7 +291,7 @@ pub fn count_kernel(ids: &[u32], counts: &mut [u32], slots: u32, experts: u32) {
 }
 
 /// Padded prefix sum (one thread; `experts` steps): `offsets[e]` is where expert `e`'s
-/// segment starts, each segment padded to a multiple of [`ROWS`]; `block_expert[b]` names
+/// segment starts, each segment padded to a multiple of `block_rows`; `block_expert[b]` names
 /// the expert of block `b`, and `block_expert[max_blocks]` holds the number of blocks.
 #[cube(launch_unchecked)]
 pub fn offsets_kernel(
@@ -305,19 +300,20 @@ pub fn offsets_kernel(
     block_expert: &mut [u32],
     experts: u32,
     max_blocks: u32,
+    block_rows: u32,
 ) {
     if UNIT_POS_X == 0 {
         let mut start = 0u32;
         for e in 0..experts {
             offsets[e as usize] = start;
-            let blocks = counts[e as usize].div_ceil(ROWS);
+            let blocks = counts[e as usize].div_ceil(block_rows);
             for b in 0..blocks {
-                block_expert[(start / ROWS + b) as usize] = e;
+                block_expert[(start / block_rows + b) as usize] = e;
             }
-            start += blocks * ROWS;
+            start += blocks * block_rows;
         }
         offsets[experts as usize] = start;
-        block_expert[max_blocks as usize] = start / ROWS;
+        block_expert[max_blocks as usize] = start / block_rows;
     }
 }
 
@@ -325,7 +321,7 @@ pub fn offsets_kernel(
 /// segment of `sorted`, and marks the padding with `slots` (no slot).
 #[cube(launch_unchecked)]
 pub fn scatter_kernel(ids: &[u32], offsets: &[u32], sorted: &mut [u32], slots: u32, experts: u32) {
-    let expert = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let expert = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     if expert < experts {
         let mut position = offsets[expert as usize];
         for s in 0..slots {
@@ -342,9 +338,9 @@ pub fn scatter_kernel(ids: &[u32], offsets: &[u32], sorted: &mut [u32], slots: u
     }
 }
 
-/// Prefill, gate/up: block `b` of the sorted slots (`ROWS` of them, all one expert's) times
+/// Prefill, gate/up: block `b` of the sorted slots (`block_rows` of them, all one expert's) times
 /// that expert's gate and up weights, one intermediate column per thread. Each weight read
-/// (coalesced across the threads) feeds `ROWS` multiply-adds; the slots' token rows of `x`
+/// (coalesced across the threads) feeds `block_rows` multiply-adds; the slots' token rows of `x`
 /// are gathered where they are read (no permuted copy), and the activation is applied
 /// before writing `act[position, column]` in sorted order. Padding rows compute on row 0
 /// and are not written.
@@ -363,21 +359,22 @@ pub fn grouped_gate_up_kernel(
     max_blocks: u32,
     alpha: f32,
     limit: f32,
+    #[comptime] block_rows: u32,
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let block = CUBE_POS_Y;
     if column < inter && block < block_expert[max_blocks as usize] {
         let expert = block_expert[block as usize];
         let width = 2 * inter;
         let weights = expert * hidden * width + column;
-        let position0 = block * ROWS;
-        let mut rows = Array::<u32>::new(ROWS as usize);
-        let mut gate = Array::<f32>::new(ROWS as usize);
-        let mut up = Array::<f32>::new(ROWS as usize);
+        let position0 = block * block_rows;
+        let mut rows = Array::<u32>::new(block_rows as usize);
+        let mut gate = Array::<f32>::new(block_rows as usize);
+        let mut up = Array::<f32>::new(block_rows as usize);
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let slot = sorted[(position0 + r) as usize];
             rows[r as usize] = select(slot < slots, (slot / top_k) * hidden, 0u32);
             gate[r as usize] = 0.0f32;
@@ -388,7 +385,7 @@ pub fn grouped_gate_up_kernel(
             let g = gate_up[w as usize];
             let u = gate_up[(w + inter) as usize];
             #[unroll]
-            for r in 0..ROWS {
+            for r in 0..block_rows {
                 let xv = x[(rows[r as usize] + h) as usize];
                 gate[r as usize] += xv * g;
                 up[r as usize] += xv * u;
@@ -401,7 +398,7 @@ pub fn grouped_gate_up_kernel(
             up_bias = gate_up_bias[(expert * width + inter + column) as usize];
         }
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let position = position0 + r;
             if sorted[position as usize] < slots {
                 act[(position * inter + column) as usize] = activate(
@@ -432,23 +429,24 @@ pub fn grouped_down_kernel(
     hidden: u32,
     inter: u32,
     max_blocks: u32,
+    #[comptime] block_rows: u32,
     #[comptime] has_bias: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let block = CUBE_POS_Y;
     if column < hidden && block < block_expert[max_blocks as usize] {
         let expert = block_expert[block as usize];
         let weights = expert * inter * hidden + column;
-        let position0 = block * ROWS;
-        let mut acc = Array::<f32>::new(ROWS as usize);
+        let position0 = block * block_rows;
+        let mut acc = Array::<f32>::new(block_rows as usize);
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             acc[r as usize] = 0.0f32;
         }
         for i in 0..inter {
             let w = down[(weights + i * hidden) as usize];
             #[unroll]
-            for r in 0..ROWS {
+            for r in 0..block_rows {
                 acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
             }
         }
@@ -457,7 +455,7 @@ pub fn grouped_down_kernel(
             bias = down_bias[(expert * hidden + column) as usize];
         }
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let slot = sorted[(position0 + r) as usize];
             if slot < slots {
                 out[(slot * hidden + column) as usize] =
@@ -612,7 +610,7 @@ pub fn qgemv_down_kernel(
 }
 
 /// Prefill, gate/up, quantized experts: [`grouped_gate_up_kernel`] with each weight decoded
-/// from its code where it is read (once per `ROWS` multiply-adds).
+/// from its code where it is read (once per `block_rows` multiply-adds).
 #[cube(launch_unchecked)]
 pub fn qgrouped_gate_up_kernel(
     x: &[f32],
@@ -631,22 +629,23 @@ pub fn qgrouped_gate_up_kernel(
     group: u32,
     alpha: f32,
     limit: f32,
+    #[comptime] block_rows: u32,
     #[comptime] bits: u32,
     #[comptime] has_offsets: bool,
     #[comptime] has_bias: bool,
     #[comptime] clamped: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let block = CUBE_POS_Y;
     if column < inter && block < block_expert[max_blocks as usize] {
         let expert = block_expert[block as usize];
         let gate_row = expert * 2 * inter + column;
-        let position0 = block * ROWS;
-        let mut rows = Array::<u32>::new(ROWS as usize);
-        let mut gate = Array::<f32>::new(ROWS as usize);
-        let mut up = Array::<f32>::new(ROWS as usize);
+        let position0 = block * block_rows;
+        let mut rows = Array::<u32>::new(block_rows as usize);
+        let mut gate = Array::<f32>::new(block_rows as usize);
+        let mut up = Array::<f32>::new(block_rows as usize);
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let slot = sorted[(position0 + r) as usize];
             rows[r as usize] = select(slot < slots, (slot / top_k) * hidden, 0u32);
             gate[r as usize] = 0.0f32;
@@ -676,7 +675,7 @@ pub fn qgrouped_gate_up_kernel(
                 has_offsets,
             );
             #[unroll]
-            for r in 0..ROWS {
+            for r in 0..block_rows {
                 let xv = x[(rows[r as usize] + h) as usize];
                 gate[r as usize] += xv * g;
                 up[r as usize] += xv * u;
@@ -689,7 +688,7 @@ pub fn qgrouped_gate_up_kernel(
             up_bias = gate_up_bias[(gate_row + inter) as usize];
         }
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let position = position0 + r;
             if sorted[position as usize] < slots {
                 act[(position * inter + column) as usize] = activate(
@@ -722,19 +721,20 @@ pub fn qgrouped_down_kernel(
     inter: u32,
     max_blocks: u32,
     group: u32,
+    #[comptime] block_rows: u32,
     #[comptime] bits: u32,
     #[comptime] has_offsets: bool,
     #[comptime] has_bias: bool,
 ) {
-    let column = CUBE_POS_X * LINE_THREADS + UNIT_POS_X;
+    let column = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let block = CUBE_POS_Y;
     if column < hidden && block < block_expert[max_blocks as usize] {
         let expert = block_expert[block as usize];
         let row = expert * hidden + column;
-        let position0 = block * ROWS;
-        let mut acc = Array::<f32>::new(ROWS as usize);
+        let position0 = block * block_rows;
+        let mut acc = Array::<f32>::new(block_rows as usize);
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             acc[r as usize] = 0.0f32;
         }
         for i in 0..inter {
@@ -750,7 +750,7 @@ pub fn qgrouped_down_kernel(
                 has_offsets,
             );
             #[unroll]
-            for r in 0..ROWS {
+            for r in 0..block_rows {
                 acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
             }
         }
@@ -759,7 +759,7 @@ pub fn qgrouped_down_kernel(
             bias = down_bias[row as usize];
         }
         #[unroll]
-        for r in 0..ROWS {
+        for r in 0..block_rows {
             let slot = sorted[(position0 + r) as usize];
             if slot < slots {
                 out[(slot * hidden + column) as usize] =

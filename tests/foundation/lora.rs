@@ -1,0 +1,129 @@
+//! LoRA adapters in PEFT's format: a PEFT-made adapter on tiny-llama gives PEFT's logits,
+//! and adapters that do not fit the model are refused with a clear error.
+
+use std::path::Path;
+
+use moera::engine::{Device, Error, LoadOptions, Model};
+
+use crate::common::*;
+
+fn with_adapter(model: &str, adapter: &Path, device: &Device) -> Result<Model, Error> {
+    let options = LoadOptions {
+        adapter: Some(adapter.to_path_buf()),
+        ..Default::default()
+    };
+    Model::load_with(fixtures().join(model), device, options, &mut |_| {})
+}
+
+fn refused(result: Result<Model, Error>) -> Error {
+    match result {
+        Ok(_) => panic!("the adapter was accepted"),
+        Err(e) => e,
+    }
+}
+
+fn check_peft_logits(device: &Device) {
+    let adapter = fixtures().join("tiny-llama-lora");
+    let reference = reference(&adapter.join("reference.safetensors"));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let model = with_adapter("tiny-llama", &adapter, device).expect("load with adapter");
+    let logits = model.logits(&prompt).expect("forward");
+    let diff = max_abs_diff(&logits, &reference["logits"].1);
+    assert!(
+        diff < 1e-4,
+        "logits with the adapter differ from PEFT's by {diff}"
+    );
+    // The adapter matters: without it the logits are the base model's.
+    let base = load_on(&fixtures().join("tiny-llama"), device);
+    let base_diff = max_abs_diff(&base.logits(&prompt).unwrap(), &reference["logits"].1);
+    assert!(
+        base_diff > 0.05,
+        "the adapter changes nothing ({base_diff})"
+    );
+}
+
+#[test]
+fn peft_adapter_gives_peft_logits() {
+    check_peft_logits(&flex());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn peft_adapter_gives_peft_logits_on_wgpu() {
+    let device = moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device");
+    check_peft_logits(&device);
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused() {
+    let adapter = fixtures().join("tiny-llama-lora");
+    // Another base model: its MLP has experts, so the adapter's gate/down factors match
+    // nothing.
+    let err = refused(with_adapter("tiny-qwen2-moe", &adapter, &flex()));
+    assert!(
+        matches!(&err, Error::Adapter { reason, .. } if reason.contains("match no layer")),
+        "{err}"
+    );
+
+    let dir = scratch();
+    let copy = dir.path().join("adapter");
+    std::fs::create_dir(&copy).unwrap();
+    let config = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
+    let weights = adapter.join("adapter_model.safetensors");
+    let write = |config: &str| {
+        std::fs::write(copy.join("adapter_config.json"), config).unwrap();
+        refused(with_adapter("tiny-llama", &copy, &flex()))
+    };
+    // No weights file.
+    let err = write(&config);
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    std::fs::copy(&weights, copy.join("adapter_model.safetensors")).unwrap();
+    for (from, to, expected) in [
+        ("\"peft_type\": \"LORA\"", "\"peft_type\": \"IA3\"", "IA3"),
+        ("\"use_dora\": false", "\"use_dora\": true", "DoRA"),
+        ("\"r\": 4", "\"r\": 0", "rank"),
+        (
+            "\"rank_pattern\": {}",
+            "\"rank_pattern\": {\"q_proj\": 2}",
+            "rank_pattern",
+        ),
+        ("\"r\": 4", "\"r\": \"four\"", "invalid type"),
+    ] {
+        assert!(config.contains(from), "{from}");
+        let err = write(&config.replace(from, to));
+        assert!(
+            matches!(&err, Error::Adapter { reason, .. } if reason.contains(expected)),
+            "{from} → {to}: {err}"
+        );
+    }
+    // Factors of the wrong rank for their layer: a shape error naming the tensor.
+    let bad = safetensors::serialize(
+        [
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![4, 63],
+                    &[0u8; 4 * 4 * 63],
+                )
+                .unwrap(),
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![64, 4],
+                    &[0u8; 4 * 64 * 4],
+                )
+                .unwrap(),
+            ),
+        ],
+        None,
+    )
+    .unwrap();
+    std::fs::write(copy.join("adapter_model.safetensors"), bad).unwrap();
+    let err = write(&config);
+    assert!(err.to_string().contains("lora_A"), "{err}");
+}
