@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, TensorData};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use moera_models::Architecture;
 use moera_models::factory::{gguf_name, hf_config_from_gguf};
 use moera_models::nn::token_tensor;
@@ -25,6 +26,9 @@ pub struct LoadProgress {
     pub done: usize,
     pub total: usize,
 }
+
+/// The label of a position [`Model::loss`] does not score (transformers' `ignore_index`).
+pub const IGNORED_LABEL: i64 = -100;
 
 /// Options of [`Model::load_with`].
 #[derive(Debug, Clone, Default)]
@@ -217,6 +221,74 @@ impl Model {
             .inner
             .forward_traced(tokens, &mut cache, LogitsMode::All, trace)?;
         Ok(to_f32_vec(logits.into_data())?)
+    }
+
+    /// The mean cross-entropy of next-token prediction over a batch of equally long
+    /// sequences `ids` (`[batch][seq]`), scoring position `t`'s logits against
+    /// `labels[b][t + 1]`; labels of −100 are not scored (prompt tokens, padding), as in
+    /// transformers. A scalar tensor on the model's device: on an autodiff device,
+    /// `backward()` gives the gradients of every trainable parameter.
+    pub fn loss(&self, ids: &[Vec<u32>], labels: &[Vec<i64>]) -> Result<Tensor<1>> {
+        let seq = ids.first().map_or(0, Vec::len);
+        let vocab = self.vocab_size();
+        if seq < 2 || ids.iter().any(|s| s.len() != seq) || labels.len() != ids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "loss needs sequences of one length ≥ 2 with a label per token; got {} \
+                 sequences of lengths {:?} and {} label rows",
+                ids.len(),
+                ids.iter().map(Vec::len).collect::<Vec<_>>(),
+                labels.len()
+            )));
+        }
+        if seq > self.max_context() {
+            return Err(Error::PromptTooLong {
+                prompt: seq,
+                max_new: 0,
+                context: self.max_context(),
+            });
+        }
+        let (mut targets, mut weights) = (Vec::new(), Vec::new());
+        for (row, label_row) in ids.iter().zip(labels) {
+            self.check_ids(row)?;
+            if label_row.len() != seq {
+                return Err(Error::InvalidArgument(format!(
+                    "{} labels for a sequence of {seq} tokens",
+                    label_row.len()
+                )));
+            }
+            for &label in &label_row[1..] {
+                let scored = label != IGNORED_LABEL;
+                if scored && !(0..vocab as i64).contains(&label) {
+                    return Err(Error::TokenOutOfRange {
+                        id: label.clamp(0, u32::MAX as i64) as u32,
+                        vocab,
+                    });
+                }
+                targets.push(if scored { label } else { 0 });
+                weights.push(if scored { 1f32 } else { 0.0 });
+            }
+        }
+        let scored: f32 = weights.iter().sum();
+        if scored == 0.0 {
+            return Err(Error::InvalidArgument("no label is scored".into()));
+        }
+        let batch = ids.len();
+        let device = self.device();
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let mut cache = self.inner.new_cache(batch, seq);
+        let logits = self.inner.forward(
+            token_tensor(&flat, batch, &device),
+            &mut cache,
+            LogitsMode::All,
+        )?;
+        let rows = batch * (seq - 1);
+        let logits = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [rows]), &device);
+        let weights = Tensor::<1>::from_data(TensorData::new(weights, [rows]), &device);
+        let log_probs = log_softmax(logits, 1).gather(1, targets.reshape([rows, 1]));
+        Ok((log_probs.reshape([rows]) * weights)
+            .sum()
+            .div_scalar(-scored))
     }
 
     /// Perplexity over consecutive non-overlapping windows of `ctx` tokens, each scored on

@@ -67,6 +67,10 @@ pub struct Attention {
 }
 
 impl Attention {
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
     /// Loads `{prefix}.{q,k,v,o}_proj` (+ `q_norm`, `k_norm`, `sinks` as `spec` says).
     pub fn load(
         source: &dyn WeightSource,

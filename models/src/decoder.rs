@@ -147,6 +147,23 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Every linear layer, in layer order, then the head.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut linears = Vec::new();
+        for layer in &self.layers {
+            linears.extend(match &layer.self_attn {
+                Mixer::Standard(attention) => attention.linears(),
+                Mixer::Latent(attention) => attention.linears(),
+            });
+            linears.extend(match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.linears(),
+                FeedForward::Sparse(moe) => moe.linears(),
+            });
+        }
+        linears.push(&self.lm_head);
+        linears
+    }
+
     /// Loads the embedding, final norm and head named as transformers does, and one layer
     /// per `load_layer(index, "model.layers.{index}")` call; `progress` follows the layers.
     pub fn load(
@@ -261,6 +278,13 @@ impl Decoder {
 }
 
 impl CausalLm for Decoder {
+    fn lora_adapters(&self) -> Vec<&crate::nn::LoraAdapter> {
+        self.linears()
+            .into_iter()
+            .filter_map(|linear| linear.lora.as_ref())
+            .collect()
+    }
+
     fn vocab_size(&self) -> usize {
         self.info.vocab_size
     }

@@ -209,6 +209,14 @@ pub struct LatentAttention {
 }
 
 impl LatentAttention {
+    pub fn linears(&self) -> Vec<&Linear> {
+        [&self.q_proj, &self.q_a_proj, &self.q_b_proj]
+            .into_iter()
+            .flatten()
+            .chain([&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj])
+            .collect()
+    }
+
     fn load(
         config: &DeepseekConfig,
         version: DeepseekVersion,

@@ -145,6 +145,10 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<Tensor<3>, ModelError>;
     /// The device the weights live on.
     fn device(&self) -> Device;
+    /// The LoRA adapters on the model's linear layers (empty without an adapter).
+    fn lora_adapters(&self) -> Vec<&nn::LoraAdapter> {
+        Vec::new()
+    }
 }
 
 /// Key/value lookups into file metadata, used to build configs from GGUF headers.

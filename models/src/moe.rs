@@ -909,6 +909,12 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
+    /// The shared experts' linear layers and their gate (the routed experts are stacked).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let shared = self.shared.iter().flat_map(GatedMlp::linears);
+        shared.chain(&self.shared_gate).collect()
+    }
+
     /// Loads the router `{prefix}.{router}` and the experts of `{prefix}`, without shared
     /// experts.
     pub fn load(

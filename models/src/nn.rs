@@ -64,6 +64,9 @@ pub struct LoraAdapter {
     pub b: Param<Tensor<2>>,
     #[module(skip)]
     pub scale: f32,
+    /// The adapted layer's HF module path (`model.layers.0.self_attn.q_proj`): PEFT's keys.
+    #[module(skip)]
+    pub path: String,
 }
 
 /// A LoRA adapter's factors as a [`WeightSource`] hands them over, in PEFT's layout.
@@ -104,6 +107,7 @@ impl LoraAdapter {
             a: param(&weights.a),
             b: param(&weights.b),
             scale: weights.scale,
+            path: name.to_string(),
         })
     }
 
@@ -335,6 +339,10 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
     /// Loads `{prefix}.{gate,up,down}_proj`.
     pub fn load(
         source: &dyn WeightSource,
