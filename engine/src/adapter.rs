@@ -201,3 +201,72 @@ impl WeightSource for Adapted<'_> {
         }
     }
 }
+
+/// Writes `adapters` (with `config`'s rank and alpha) as a PEFT adapter folder.
+pub(crate) fn save(
+    dir: &Path,
+    config: &AdapterConfig,
+    adapters: &[&moera_models::nn::LoraAdapter],
+    base_model: &Path,
+) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors = Vec::new();
+    let mut targets = BTreeSet::new();
+    for adapter in adapters {
+        for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
+            // moera holds `[in, r]` / `[r, out]`; PEFT stores the transposes.
+            let value = param.val().transpose();
+            let shape = value.dims().to_vec();
+            let values = value
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| Error::InvalidArgument(format!("{e:?}")))?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let key = format!("{KEY_PREFIX}{}.{factor}.weight", adapter.path);
+            tensors.push((key, shape, bytes));
+        }
+        if let Some(module) = adapter.path.rsplit('.').next() {
+            targets.insert(module.to_string());
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(key, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (key.as_str(), view))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let weights_path = dir.join("adapter_model.safetensors");
+    let bytes =
+        safetensors::serialize(views, None).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    std::fs::write(&weights_path, bytes).map_err(io(&weights_path))?;
+    let json = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "target_modules": targets,
+        "base_model_name_or_path": config
+            .base_model_name_or_path
+            .clone()
+            .unwrap_or_else(|| base_model.display().to_string()),
+    });
+    let config_path = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Config {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&config_path, text).map_err(io(&config_path))?;
+    Ok(())
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use moera_models::nn::token_tensor;
-use moera_models::{KvCache, LogitsMode, RouterTrace};
+use moera_models::{CausalLm, KvCache, LogitsMode, RouterTrace};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;

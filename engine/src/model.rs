@@ -7,11 +7,11 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use moera_models::Architecture;
 use moera_models::factory::{gguf_name, hf_config_from_gguf};
 use moera_models::nn::token_tensor;
-use moera_models::{CausalLm, LogitsMode, ModelError, RouterTrace};
+use moera_models::{CausalLm, Decoder, LogitsMode, ModelError, RouterTrace};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
-use crate::adapter::{Adapted, PeftAdapter};
+use crate::adapter::{Adapted, AdapterConfig, PeftAdapter};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::device::DeviceKind;
 use crate::error::{Error, Result};
@@ -41,7 +41,7 @@ pub struct LoadOptions {
 
 /// A language model ready to score and generate.
 pub struct Model {
-    pub(crate) inner: Box<dyn CausalLm>,
+    pub(crate) inner: Decoder,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
     pub(crate) eos_ids: Vec<u32>,
@@ -50,6 +50,8 @@ pub struct Model {
     architecture: String,
     path: PathBuf,
     weight_memory: WeightMemory,
+    /// The configuration of the loaded LoRA adapter, if any.
+    adapter_config: Option<AdapterConfig>,
 }
 
 impl std::fmt::Debug for Model {
@@ -173,7 +175,7 @@ impl Model {
     /// The architecture itself, for driving a [`moera_models::KvCache`] directly. Token ids
     /// given to it are not checked: keep them below [`Model::vocab_size`].
     pub fn causal_lm(&self) -> &dyn CausalLm {
-        self.inner.as_ref()
+        &self.inner
     }
 
     /// f32 logits `[ids.len(), vocab]` of every position of one sequence, row-major.
@@ -221,6 +223,29 @@ impl Model {
             .inner
             .forward_traced(tokens, &mut cache, LogitsMode::All, trace)?;
         Ok(to_f32_vec(logits.into_data())?)
+    }
+
+    /// The decoder itself (its parameters, its LoRA adapters).
+    pub fn decoder(&self) -> &Decoder {
+        &self.inner
+    }
+
+    /// Replaces the decoder by `f` of it: for updating parameters (an optimizer step maps
+    /// the module).
+    pub fn map_decoder(mut self, f: impl FnOnce(Decoder) -> Decoder) -> Self {
+        self.inner = f(self.inner);
+        self
+    }
+
+    /// Writes the model's LoRA adapters in PEFT's format to `dir` (created if missing):
+    /// `adapter_model.safetensors` with `base_model.model.{module}.lora_A.weight` `[r, in]`
+    /// and `lora_B.weight` `[out, r]` in f32, and `adapter_config.json`.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let config = self
+            .adapter_config
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
+        crate::adapter::save(dir, config, &self.inner.lora_adapters(), &self.path)
     }
 
     /// The mean cross-entropy of next-token prediction over a batch of equally long
@@ -496,7 +521,7 @@ fn load_folder(
         .map(sampling_from_generation_config)
         .unwrap_or_default();
     Ok(Model {
-        inner: Box::new(model),
+        inner: model,
         tokenizer,
         chat_template,
         eos_ids,
@@ -504,6 +529,7 @@ fn load_folder(
         architecture,
         path: dir.to_path_buf(),
         weight_memory: quantizing.memory.get(),
+        adapter_config: adapter.map(|a| a.config),
     })
 }
 
@@ -610,7 +636,7 @@ fn load_gguf(
     eos_ids.sort_unstable();
     eos_ids.dedup();
     Ok(Model {
-        inner: Box::new(model),
+        inner: model,
         tokenizer,
         chat_template,
         eos_ids,
@@ -618,5 +644,6 @@ fn load_gguf(
         architecture,
         path: path.to_path_buf(),
         weight_memory: quantizing.memory.get(),
+        adapter_config: adapter.map(|a| a.config),
     })
 }

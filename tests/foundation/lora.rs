@@ -186,16 +186,175 @@ fn loss_rejects_malformed_batches() {
     let ids = vec![vec![1, 2, 3], vec![4, 5, 6]];
     let labels = vec![vec![1, 2, 3], vec![4, 5, 6]];
     assert!(model.loss(&ids, &labels).is_ok());
-    let cases: [(Vec<Vec<u32>>, Vec<Vec<i64>>, &str); 6] = [
-        (vec![vec![1, 2, 3], vec![4, 5]], labels.clone(), "one length"),
+    type Case = (Vec<Vec<u32>>, Vec<Vec<i64>>, &'static str);
+    let cases: [Case; 6] = [
+        (
+            vec![vec![1, 2, 3], vec![4, 5]],
+            labels.clone(),
+            "one length",
+        ),
         (ids.clone(), vec![vec![1, 2, 3]], "label rows"),
-        (ids.clone(), vec![vec![1, 2, 3], vec![4, 5]], "labels for a sequence"),
-        (ids.clone(), vec![vec![-100; 3], vec![-100; 3]], "no label is scored"),
-        (ids.clone(), vec![vec![1, 2, 9999], vec![4, 5, 6]], "outside the vocabulary"),
+        (
+            ids.clone(),
+            vec![vec![1, 2, 3], vec![4, 5]],
+            "labels for a sequence",
+        ),
+        (
+            ids.clone(),
+            vec![vec![-100; 3], vec![-100; 3]],
+            "no label is scored",
+        ),
+        (
+            ids.clone(),
+            vec![vec![1, 2, 9999], vec![4, 5, 6]],
+            "outside the vocabulary",
+        ),
         (vec![vec![1], vec![2]], vec![vec![1], vec![2]], "≥ 2"),
     ];
     for (ids, labels, expected) in cases {
         let err = model.loss(&ids, &labels).expect_err(expected);
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
+}
+
+/// Plain gradient descent on the LoRA factors with moera's gradients, one step.
+struct AdapterStep {
+    grads: std::collections::HashMap<burn::module::ParamId, burn::tensor::TensorData>,
+    learning_rate: f32,
+}
+
+impl burn::module::ModuleMapper for AdapterStep {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let Some(grad) = self.grads.get(&param.id).cloned() else {
+            return param;
+        };
+        let rate = self.learning_rate;
+        param.map(|value| {
+            let grad = burn::tensor::Tensor::<D>::from_data(grad, &value.device());
+            (value - grad.mul_scalar(rate)).detach()
+        })
+    }
+}
+
+/// An adapter changed by a step on moera's own gradients, saved in PEFT's format: the same
+/// keys and shapes as PEFT's file, moera reloads it with the same logits, and PEFT itself
+/// gives moera's logits (`scripts/check_peft_adapter.py`; run when Python has torch,
+/// transformers and peft, required with `MOERA_REQUIRE_PEFT=1`).
+#[test]
+fn trained_adapter_saves_in_peft_format() {
+    use burn::module::Module;
+    use moera::models::CausalLm;
+
+    let adapter = fixtures().join("tiny-llama-lora");
+    let reference = reference(&adapter.join("reference.safetensors"));
+    let model = with_adapter("tiny-llama", &adapter, &Device::flex().autodiff()).expect("load");
+    let (shape, batch) = &reference["batch_ids"];
+    let batch_ids: Vec<Vec<u32>> = batch.chunks(shape[1]).map(ids).collect();
+    let labels: Vec<Vec<i64>> = reference["batch_labels"]
+        .1
+        .chunks(shape[1])
+        .map(|row| row.iter().map(|&l| l as i64).collect())
+        .collect();
+    let before = model.loss(&batch_ids, &labels).expect("loss");
+    let grads = before.backward();
+    let mut step = AdapterStep {
+        grads: Default::default(),
+        learning_rate: 0.5,
+    };
+    for adapter in model.decoder().lora_adapters() {
+        for param in [&adapter.a, &adapter.b] {
+            let grad = param.val().grad(&grads).expect("gradient");
+            step.grads.insert(param.id, grad.into_data());
+        }
+    }
+    let model = model.map_decoder(|decoder| decoder.map(&mut step));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let trained = model.logits(&prompt).expect("forward");
+    let untrained = max_abs_diff(&trained, &reference["logits"].1);
+    assert!(untrained > 1e-3, "the step changed nothing ({untrained})");
+
+    let dir = scratch();
+    let saved = dir.path().join("adapter");
+    model.save_adapter(&saved).expect("save");
+    let keys = |path: &Path| -> Vec<(String, Vec<usize>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut keys: Vec<_> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        keys(&saved.join("adapter_model.safetensors")),
+        keys(&adapter.join("adapter_model.safetensors")),
+        "keys and shapes as PEFT writes them"
+    );
+    let reloaded = with_adapter("tiny-llama", &saved, &flex()).expect("reload");
+    let diff = max_abs_diff(
+        &reloaded.logits(&prompt).unwrap(),
+        &trained.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    assert!(diff < 1e-5, "reloaded adapter: logits differ by {diff}");
+
+    // PEFT loads the adapter moera wrote and gives moera's logits.
+    let logits_path = dir.path().join("moera_logits.safetensors");
+    let prompt_bytes: Vec<u8> = prompt
+        .iter()
+        .flat_map(|&i| (i as i64).to_le_bytes())
+        .collect();
+    let logit_bytes: Vec<u8> = trained.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let vocab = trained.len() / prompt.len();
+    let tensors = [
+        (
+            "prompt_ids",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I64,
+                vec![prompt.len()],
+                &prompt_bytes,
+            )
+            .unwrap(),
+        ),
+        (
+            "logits",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![prompt.len(), vocab],
+                &logit_bytes,
+            )
+            .unwrap(),
+        ),
+    ];
+    std::fs::write(&logits_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let has_peft = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        assert!(
+            std::env::var("MOERA_REQUIRE_PEFT").is_err(),
+            "MOERA_REQUIRE_PEFT is set but python3 cannot import torch, transformers and peft"
+        );
+        eprintln!("note: PEFT check skipped (python3 lacks torch/transformers/peft)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_peft_adapter.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(fixtures().join("tiny-llama"))
+        .arg(&saved)
+        .arg(&logits_path)
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "PEFT check failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
