@@ -13,7 +13,9 @@ use moera_kernels::moe::StackedExperts;
 pub use moera_kernels::moe::{ExpertActivation, ExpertMatrix, RoutingMethod};
 use moera_kernels::{QuantLinear, QuantizedMatrix};
 
-use crate::nn::{GatedMlp, Linear, checked_data, f32_values, load_checked, transpose_into};
+use crate::nn::{
+    GatedMlp, Linear, check_dims, checked_data, f32_values, load_checked, transpose_into,
+};
 use crate::{LinearWeight, ModelError, WeightSource};
 
 /// The routing of one MoE layer for a batch of token rows.
@@ -490,14 +492,7 @@ pub fn check_stacked_shape(
             found: found[0],
         });
     }
-    if found != expected {
-        return Err(ModelError::ShapeMismatch {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: found.to_vec(),
-        });
-    }
-    Ok(())
+    check_dims(name, found, expected)
 }
 
 /// [`check_stacked_shape`] on data read as `name`.

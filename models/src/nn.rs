@@ -20,7 +20,11 @@ pub fn checked_data(
 
 /// [`ModelError::ShapeMismatch`] unless `data` has `expected` shape.
 pub fn check_shape(name: &str, data: &TensorData, expected: &[usize]) -> Result<(), ModelError> {
-    let found = data.shape().as_slice();
+    check_dims(name, data.shape().as_slice(), expected)
+}
+
+/// [`ModelError::ShapeMismatch`] unless `found` is `expected`.
+pub fn check_dims(name: &str, found: &[usize], expected: &[usize]) -> Result<(), ModelError> {
     if found != expected {
         return Err(ModelError::ShapeMismatch {
             name: name.to_string(),

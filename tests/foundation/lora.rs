@@ -128,6 +128,19 @@ fn adapters_that_do_not_fit_are_refused() {
     assert!(err.to_string().contains("lora_A"), "{err}");
 }
 
+/// The fixture's training batch: token ids and labels (−100: not scored), `[2][10]`.
+fn training_batch(
+    reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+) -> (Vec<Vec<u32>>, Vec<Vec<i64>>) {
+    let (shape, batch) = &reference["batch_ids"];
+    let labels = reference["batch_labels"]
+        .1
+        .chunks(shape[1])
+        .map(|row| row.iter().map(|&l| l as i64).collect())
+        .collect();
+    (batch.chunks(shape[1]).map(ids).collect(), labels)
+}
+
 /// One training step's loss and LoRA gradients against PEFT + PyTorch's for the same
 /// adapter and batch (2 × 10 tokens, the first 4 of each not scored), on flex with autodiff.
 #[test]
@@ -136,13 +149,7 @@ fn lora_loss_and_gradients_match_peft() {
     let adapter = fixtures().join("tiny-llama-lora");
     let reference = reference(&adapter.join("reference.safetensors"));
     let model = with_adapter("tiny-llama", &adapter, &device).expect("load with adapter");
-    let (shape, batch) = &reference["batch_ids"];
-    let ids: Vec<Vec<u32>> = batch.chunks(shape[1]).map(ids).collect();
-    let labels: Vec<Vec<i64>> = reference["batch_labels"]
-        .1
-        .chunks(shape[1])
-        .map(|row| row.iter().map(|&l| l as i64).collect())
-        .collect();
+    let (ids, labels) = training_batch(&reference);
     let loss = model.loss(&ids, &labels).expect("loss");
     let value = loss
         .clone()
@@ -251,13 +258,7 @@ fn trained_adapter_saves_in_peft_format() {
     let adapter = fixtures().join("tiny-llama-lora");
     let reference = reference(&adapter.join("reference.safetensors"));
     let model = with_adapter("tiny-llama", &adapter, &Device::flex().autodiff()).expect("load");
-    let (shape, batch) = &reference["batch_ids"];
-    let batch_ids: Vec<Vec<u32>> = batch.chunks(shape[1]).map(ids).collect();
-    let labels: Vec<Vec<i64>> = reference["batch_labels"]
-        .1
-        .chunks(shape[1])
-        .map(|row| row.iter().map(|&l| l as i64).collect())
-        .collect();
+    let (batch_ids, labels) = training_batch(&reference);
     let before = model.loss(&batch_ids, &labels).expect("loss");
     let grads = before.backward();
     let mut step = AdapterStep {

@@ -338,6 +338,81 @@ pub fn scatter_kernel(ids: &[u32], offsets: &[u32], sorted: &mut [u32], slots: u
     }
 }
 
+/// The gate/up epilogue of a block of sorted slots: the bias at `bias_index` (gate) and
+/// `bias_index + inter` (up), the activation, and `act[position, column]` for the block's
+/// real slots (padding is skipped).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_activations(
+    act: &mut [f32],
+    sorted: &[u32],
+    gate: &Array<f32>,
+    up: &Array<f32>,
+    gate_up_bias: &[f32],
+    bias_index: u32,
+    position0: u32,
+    column: u32,
+    inter: u32,
+    slots: u32,
+    alpha: f32,
+    limit: f32,
+    #[comptime] block_rows: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] clamped: bool,
+) {
+    let mut gate_bias = 0.0f32;
+    let mut up_bias = 0.0f32;
+    if has_bias {
+        gate_bias = gate_up_bias[bias_index as usize];
+        up_bias = gate_up_bias[(bias_index + inter) as usize];
+    }
+    #[unroll]
+    for r in 0..block_rows {
+        let position = position0 + r;
+        if sorted[position as usize] < slots {
+            act[(position * inter + column) as usize] = activate(
+                gate[r as usize] + gate_bias,
+                up[r as usize] + up_bias,
+                alpha,
+                limit,
+                clamped,
+            );
+        }
+    }
+}
+
+/// The down epilogue of a block: the bias at `bias_index` and each slot's routing weight,
+/// written to the slot's row of `out` (padding is skipped).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_outputs(
+    out: &mut [f32],
+    sorted: &[u32],
+    routing: &[f32],
+    acc: &Array<f32>,
+    down_bias: &[f32],
+    bias_index: u32,
+    position0: u32,
+    column: u32,
+    hidden: u32,
+    slots: u32,
+    #[comptime] block_rows: u32,
+    #[comptime] has_bias: bool,
+) {
+    let mut bias = 0.0f32;
+    if has_bias {
+        bias = down_bias[bias_index as usize];
+    }
+    #[unroll]
+    for r in 0..block_rows {
+        let slot = sorted[(position0 + r) as usize];
+        if slot < slots {
+            out[(slot * hidden + column) as usize] =
+                (acc[r as usize] + bias) * routing[slot as usize];
+        }
+    }
+}
+
 /// Prefill, gate/up: block `b` of the sorted slots (`block_rows` of them, all one expert's) times
 /// that expert's gate and up weights, one intermediate column per thread. Each weight read
 /// (coalesced across the threads) feeds `block_rows` multiply-adds; the slots' token rows of `x`
@@ -391,25 +466,23 @@ pub fn grouped_gate_up_kernel(
                 up[r as usize] += xv * u;
             }
         }
-        let mut gate_bias = 0.0f32;
-        let mut up_bias = 0.0f32;
-        if has_bias {
-            gate_bias = gate_up_bias[(expert * width + column) as usize];
-            up_bias = gate_up_bias[(expert * width + inter + column) as usize];
-        }
-        #[unroll]
-        for r in 0..block_rows {
-            let position = position0 + r;
-            if sorted[position as usize] < slots {
-                act[(position * inter + column) as usize] = activate(
-                    gate[r as usize] + gate_bias,
-                    up[r as usize] + up_bias,
-                    alpha,
-                    limit,
-                    clamped,
-                );
-            }
-        }
+        store_activations(
+            act,
+            sorted,
+            &gate,
+            &up,
+            gate_up_bias,
+            expert * width + column,
+            position0,
+            column,
+            inter,
+            slots,
+            alpha,
+            limit,
+            block_rows,
+            has_bias,
+            clamped,
+        );
     }
 }
 
@@ -450,18 +523,20 @@ pub fn grouped_down_kernel(
                 acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
             }
         }
-        let mut bias = 0.0f32;
-        if has_bias {
-            bias = down_bias[(expert * hidden + column) as usize];
-        }
-        #[unroll]
-        for r in 0..block_rows {
-            let slot = sorted[(position0 + r) as usize];
-            if slot < slots {
-                out[(slot * hidden + column) as usize] =
-                    (acc[r as usize] + bias) * routing[slot as usize];
-            }
-        }
+        store_outputs(
+            out,
+            sorted,
+            routing,
+            &acc,
+            down_bias,
+            expert * hidden + column,
+            position0,
+            column,
+            hidden,
+            slots,
+            block_rows,
+            has_bias,
+        );
     }
 }
 
@@ -681,25 +756,23 @@ pub fn qgrouped_gate_up_kernel(
                 up[r as usize] += xv * u;
             }
         }
-        let mut gate_bias = 0.0f32;
-        let mut up_bias = 0.0f32;
-        if has_bias {
-            gate_bias = gate_up_bias[gate_row as usize];
-            up_bias = gate_up_bias[(gate_row + inter) as usize];
-        }
-        #[unroll]
-        for r in 0..block_rows {
-            let position = position0 + r;
-            if sorted[position as usize] < slots {
-                act[(position * inter + column) as usize] = activate(
-                    gate[r as usize] + gate_bias,
-                    up[r as usize] + up_bias,
-                    alpha,
-                    limit,
-                    clamped,
-                );
-            }
-        }
+        store_activations(
+            act,
+            sorted,
+            &gate,
+            &up,
+            gate_up_bias,
+            gate_row,
+            position0,
+            column,
+            inter,
+            slots,
+            alpha,
+            limit,
+            block_rows,
+            has_bias,
+            clamped,
+        );
     }
 }
 
@@ -754,17 +827,9 @@ pub fn qgrouped_down_kernel(
                 acc[r as usize] += act[((position0 + r) * inter + i) as usize] * w;
             }
         }
-        let mut bias = 0.0f32;
-        if has_bias {
-            bias = down_bias[row as usize];
-        }
-        #[unroll]
-        for r in 0..block_rows {
-            let slot = sorted[(position0 + r) as usize];
-            if slot < slots {
-                out[(slot * hidden + column) as usize] =
-                    (acc[r as usize] + bias) * routing[slot as usize];
-            }
-        }
+        store_outputs(
+            out, sorted, routing, &acc, down_bias, row, position0, column, hidden, slots,
+            block_rows, has_bias,
+        );
     }
 }
