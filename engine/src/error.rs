@@ -40,6 +40,12 @@ pub enum Error {
     Config { path: PathBuf, reason: String },
     #[error("{path}: LoRA adapter: {reason}")]
     Adapter { path: PathBuf, reason: String },
+    #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Dataset {
+        path: PathBuf,
+        line: Option<usize>,
+        reason: String,
+    },
     #[error("{path}: unknown architecture `{architecture}` (supported: {supported})")]
     UnknownArchitecture {
         path: PathBuf,

@@ -19,6 +19,7 @@
 
 pub mod adapter;
 pub mod chat;
+pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod generate;

@@ -373,3 +373,72 @@ fn missing_expert_tensor_names_it() {
         }
     }
 }
+
+/// Fine-tuning data: malformed lines are errors naming the line (or skipped and counted
+/// when asked), an empty file or a conversation the model has no template for is an error,
+/// long examples are truncated and counted, and the split is seeded.
+#[test]
+fn training_data_errors_name_the_line() {
+    use moera::engine::dataset::{Dataset, DatasetOptions};
+
+    let model = load_on(&fixtures().join("tiny-qwen3-moe"), &flex());
+    let dir = scratch();
+    let path = dir.path().join("data.jsonl");
+    let read = |text: &str, options: &DatasetOptions| {
+        std::fs::write(&path, text).unwrap();
+        Dataset::from_jsonl(&path, &model, options)
+    };
+    let good = r#"{"prompt": "the cat", "completion": " sat on the mat"}"#;
+    let defaults = DatasetOptions::default();
+    let err = read(&format!("{good}\n\n{{\"prompt\": 3}}\n{good}\n"), &defaults).unwrap_err();
+    assert!(matches!(err, Error::Dataset { line: Some(3), .. }), "{err}");
+    assert!(err.to_string().contains("data.jsonl:3"), "{err}");
+    let skipping = DatasetOptions {
+        skip_malformed: true,
+        ..DatasetOptions::default()
+    };
+    let data = read(&format!("{good}\nnot json\n{good}\n"), &skipping).expect("skips");
+    assert_eq!((data.train.len(), data.skipped_lines), (2, 1));
+    let err = read("\n\n", &defaults).unwrap_err();
+    assert!(err.to_string().contains("no examples"), "{err}");
+    let chat = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    let err = read(chat, &defaults).unwrap_err();
+    assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
+    let short = DatasetOptions {
+        max_len: 3,
+        ..DatasetOptions::default()
+    };
+    let data = read(&format!("{good}\n{good}\n"), &short).expect("truncates");
+    assert_eq!(data.truncated, 2);
+    assert!(
+        data.train
+            .iter()
+            .all(|e| e.ids.len() == 3 && e.labels.len() == 3)
+    );
+    let lines: String = (0..10)
+        .map(|i| format!("{{\"prompt\": \"line {i}\", \"completion\": \" the cat\"}}\n"))
+        .collect();
+    let split = DatasetOptions {
+        validation_fraction: 0.2,
+        seed: 7,
+        ..DatasetOptions::default()
+    };
+    let first = read(&lines, &split).expect("split");
+    let again = read(&lines, &split).expect("split");
+    assert_eq!((first.train.len(), first.validation.len()), (8, 2));
+    assert_eq!(first.train, again.train, "the shuffle is seeded");
+    let other = read(
+        &lines,
+        &DatasetOptions {
+            seed: 8,
+            ..split.clone()
+        },
+    )
+    .expect("split");
+    assert_ne!(first.train, other.train, "another seed, another order");
+    let bad_fraction = DatasetOptions {
+        validation_fraction: 1.0,
+        ..DatasetOptions::default()
+    };
+    assert!(read(good, &bad_fraction).is_err());
+}

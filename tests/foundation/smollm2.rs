@@ -206,3 +206,29 @@ fn quantized_path_matches_the_dequantized_path() {
         "perplexity {q} quantized vs {f} dequantized"
     );
 }
+
+/// Fine-tuning examples (completions and conversations) tokenize to transformers' ids, with
+/// the learned tokens (completion + EOS, assistant turns) labelled as transformers' tokenizer
+/// and chat template place them.
+#[test]
+fn sft_examples_tokenize_as_transformers() {
+    use moera::engine::dataset::{parse_jsonl, tokenize};
+
+    let Some(model) = model() else { return };
+    let path = fixtures().join("sft.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (examples, skipped) = parse_jsonl(&text, &path, false).expect("parse");
+    assert_eq!(skipped, 0);
+    let reference: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("sft_reference.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(examples.len(), reference.len());
+    for ((line, example), expected) in examples.iter().zip(&reference) {
+        let tokenized = tokenize(model, example).expect("tokenize");
+        let ids: Vec<u32> = serde_json::from_value(expected["ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(expected["labels"].clone()).unwrap();
+        assert_eq!(tokenized.ids, ids, "line {line}: ids");
+        assert_eq!(tokenized.labels, labels, "line {line}: labels");
+    }
+}
