@@ -283,9 +283,14 @@ impl Model {
             }
             for &label in &label_row[1..] {
                 let scored = label != IGNORED_LABEL;
-                if scored && !(0..vocab as i64).contains(&label) {
+                if scored && label < 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "label {label}: labels are token ids or {IGNORED_LABEL} (not scored)"
+                    )));
+                }
+                if scored && label >= vocab as i64 {
                     return Err(Error::TokenOutOfRange {
-                        id: label.clamp(0, u32::MAX as i64) as u32,
+                        id: u32::try_from(label).unwrap_or(u32::MAX),
                         vocab,
                     });
                 }

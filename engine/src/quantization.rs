@@ -150,6 +150,15 @@ impl WeightSource for Quantizing<'_> {
         let weight = self.inner.expert_weight(name, shape)?;
         self.quantized(name, weight, experts * out_features, in_features)
     }
+
+    fn lora(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> std::result::Result<Option<moera_models::nn::LoraWeights>, ModelError> {
+        self.inner.lora(prefix, in_features, out_features)
+    }
 }
 
 impl Quantizing<'_> {

@@ -70,14 +70,6 @@ impl ExpertMatrix {
             Self::Quantized(linear) => linear.forward_rows(x, expert * out..(expert + 1) * out),
         }
     }
-
-    /// Bytes of weights held on the device (f32 values, or codes, scales and offsets).
-    pub fn memory_bytes(&self) -> usize {
-        match self {
-            Self::Dense(weights) => 4 * weights.shape().num_elements(),
-            Self::Quantized(linear) => linear.memory_bytes(),
-        }
-    }
 }
 
 /// One layer's routed experts: `gate_up` and `down` (see [`ExpertMatrix`]), optional biases

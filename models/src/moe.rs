@@ -755,13 +755,8 @@ impl Experts {
             ("gate_up", &gate_up, experts * 2 * inter, hidden),
             ("down", &down, experts * hidden, inter),
         ] {
-            if [matrix.rows, matrix.cols] != [rows, cols] {
-                return Err(ModelError::ShapeMismatch {
-                    name: format!("experts.{name}"),
-                    expected: vec![rows, cols],
-                    found: vec![matrix.rows, matrix.cols],
-                });
-            }
+            let found = [matrix.rows, matrix.cols];
+            check_dims(&format!("experts.{name}"), &found, &[rows, cols])?;
         }
         Ok(Self {
             gate_up: ExpertProjection::quantized(gate_up, device),

@@ -54,6 +54,14 @@ pub fn load_on(path: &Path, device: &Device) -> Model {
         .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
+/// The wgpu device (lavapipe in CI).
+#[cfg(feature = "wgpu")]
+pub fn wgpu() -> Device {
+    moera::engine::DeviceKind::Wgpu
+        .device()
+        .expect("wgpu device")
+}
+
 pub fn flex() -> Device {
     Device::flex()
 }

@@ -46,9 +46,7 @@ fn tiny_llama_with_linear_rope_matches_transformers() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn tiny_llama_matches_transformers_on_wgpu() {
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     for name in ["tiny-llama", "tiny-llama-llama3"] {
         check_parity(name, &device);
     }

@@ -50,9 +50,7 @@ fn peft_adapter_gives_peft_logits() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn peft_adapter_gives_peft_logits_on_wgpu() {
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     check_peft_logits(&device);
 }
 
@@ -194,7 +192,7 @@ fn loss_rejects_malformed_batches() {
     let labels = vec![vec![1, 2, 3], vec![4, 5, 6]];
     assert!(model.loss(&ids, &labels).is_ok());
     type Case = (Vec<Vec<u32>>, Vec<Vec<i64>>, &'static str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         (
             vec![vec![1, 2, 3], vec![4, 5]],
             labels.clone(),
@@ -215,6 +213,11 @@ fn loss_rejects_malformed_batches() {
             ids.clone(),
             vec![vec![1, 2, 9999], vec![4, 5, 6]],
             "outside the vocabulary",
+        ),
+        (
+            ids.clone(),
+            vec![vec![1, 2, -5], vec![4, 5, 6]],
+            "labels are token ids",
         ),
         (vec![vec![1], vec![2]], vec![vec![1], vec![2]], "≥ 2"),
     ];

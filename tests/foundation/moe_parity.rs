@@ -186,9 +186,7 @@ fn gpt_oss_with_sinks_and_sliding_window_matches_transformers() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn moe_architectures_match_transformers_on_wgpu() {
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     for name in MOE_FIXTURES.iter().chain(&["tiny-qwen2", "tiny-qwen3"]) {
         check_moe_parity(name, &device);
     }
@@ -247,9 +245,7 @@ fn quantized_moe_gguf_files_match_transformers() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn quantized_moe_gguf_files_match_transformers_on_wgpu() {
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     check_quantized_moe_ggufs(&device, LOGITS_TOLERANCE);
 }
 
@@ -290,9 +286,7 @@ fn in_situ_int8_quantizes_the_experts_as_torch_does() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn in_situ_int8_quantizes_the_experts_as_torch_does_on_wgpu() {
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     check_in_situ_int8(&device);
 }
 
@@ -381,9 +375,7 @@ fn dense_qwen3_with_tied_head_matches_transformers() {
 fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
     use moera::kernels::{KernelPath, with_kernel_path};
 
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 200).collect();
     let run = |model: &Model| -> (Vec<f32>, Vec<(usize, Vec<u32>)>) {
         let (mut logits, trace) = model.logits_with_routing(&prompt).expect("forward");

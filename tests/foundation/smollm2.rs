@@ -149,9 +149,7 @@ fn real_tensors_dequantize_like_the_gguf_package() {
 #[test]
 fn greedy_continuation_matches_transformers_on_wgpu() {
     let Some(path) = smollm2_path() else { return };
-    let device = moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device");
+    let device = wgpu();
     let model = load_on(&path, &device);
     let reference = reference(&fixtures().join("smollm2_reference.safetensors"));
     let prompt = ids(&reference["prompt_ids"].1);
