@@ -1,6 +1,7 @@
 //! The `moera` command line.
 
 mod index_cli;
+mod train_cli;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Perplexity of a text file, over consecutive windows of --ctx tokens.
     Perplexity(PerplexityArgs),
+    /// Fine-tune a model (LoRA or full) on a JSONL file.
+    Train(Box<train_cli::TrainArgs>),
     /// Build or query a vector index.
     #[command(subcommand)]
     Index(index_cli::IndexCommand),
@@ -55,6 +58,9 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Fold the adapter into the weights at load (the adapted layers become f32).
+    #[arg(long, requires = "adapter")]
+    merge_adapter: bool,
 }
 
 #[derive(Args)]
@@ -160,20 +166,27 @@ struct PerplexityArgs {
     ctx: usize,
 }
 
-fn load(args: &ModelArgs) -> Result<Model> {
-    let kind = match &args.device {
+/// The backend `device` names (or the default one) and the path of model `model`.
+pub(crate) fn device_and_model(
+    device: Option<&str>,
+    model: &str,
+) -> Result<(DeviceKind, moera::engine::Device, PathBuf)> {
+    let kind = match device {
         Some(name) => name.parse::<DeviceKind>()?,
         None => DeviceKind::default_kind()?,
     };
-    let device = kind.device()?;
-    let path = resolve_model(&args.model);
+    let path = resolve_model(model);
     if !path.exists() {
         bail!(
-            "model `{}` not found (looked for {}); fetch the default models with scripts/fetch-models.sh",
-            args.model,
+            "model `{model}` not found (looked for {}); fetch the default models with scripts/fetch-models.sh",
             path.display()
         );
     }
+    Ok((kind, kind.device()?, path))
+}
+
+fn load(args: &ModelArgs) -> Result<Model> {
+    let (kind, device, path) = device_and_model(args.device.as_deref(), &args.model)?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
             .expect("valid template")
@@ -188,6 +201,8 @@ fn load(args: &ModelArgs) -> Result<Model> {
     let options = LoadOptions {
         quantization: args.quant.parse()?,
         adapter: args.adapter.clone(),
+        merge_adapter: args.merge_adapter,
+        ..Default::default()
     };
     let model = Model::load_with(&path, &device, options, &mut |p| {
         bar.set_length(p.total as u64);
@@ -252,6 +267,7 @@ fn stream(model: &Model, request: &GenerationRequest, print_ids: bool) -> Result
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Index(command) => index_cli::run(command),
+        Command::Train(args) => train_cli::train(&args),
         Command::Generate(args) => {
             let model = load(&args.model)?;
             let prompt = match (&args.prompt_ids, &args.prompt) {

@@ -124,6 +124,7 @@ impl PeftAdapter {
             a: self.weights.tensor(&a)?,
             b: self.weights.tensor(&b)?,
             scale: self.config.scale(),
+            dropout: 0.0,
         };
         self.used.borrow_mut().extend([a, b]);
         Ok(Some(weights))
@@ -157,10 +158,171 @@ impl PeftAdapter {
     }
 }
 
-/// A weight source with an adapter's LoRA factors on top.
+/// A new LoRA adapter to train: rank, scaling, dropout and the modules it adapts.
+///
+/// ```
+/// let spec = moera_engine::adapter::LoraSpec::new(8, 16.0).targets(["q_proj", "v_proj"]);
+/// assert_eq!(spec.scale(), 2.0);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    /// PEFT's `lora_dropout`.
+    pub dropout: f64,
+    /// Module names (`q_proj`, `down_proj`, …), matched as PEFT does against the end of a
+    /// module path, or `all-linear` for every linear layer but the head.
+    pub target_modules: Vec<String>,
+    /// Scale by `alpha / √r` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Seed of the `lora_A` initialization.
+    pub seed: u64,
+}
+
+impl LoraSpec {
+    /// Rank `r`, `alpha`, no dropout, adapting the attention projections (`q_proj`,
+    /// `k_proj`, `v_proj`, `o_proj`).
+    pub fn new(r: usize, alpha: f64) -> Self {
+        Self {
+            r,
+            alpha,
+            dropout: 0.0,
+            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .into(),
+            use_rslora: false,
+            seed: 0,
+        }
+    }
+
+    /// The same spec adapting `modules` instead.
+    pub fn targets<S: Into<String>>(mut self, modules: impl IntoIterator<Item = S>) -> Self {
+        self.target_modules = modules.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The factor of `B·A`.
+    pub fn scale(&self) -> f32 {
+        self.config(None).scale()
+    }
+
+    fn targets_module(&self, path: &str) -> bool {
+        self.target_modules.iter().any(|target| {
+            (target == "all-linear" && path != "lm_head")
+                || path == target
+                || path.ends_with(&format!(".{target}"))
+        })
+    }
+
+    pub(crate) fn config(&self, base_model: Option<String>) -> AdapterConfig {
+        AdapterConfig {
+            peft_type: lora(),
+            r: self.r,
+            lora_alpha: self.alpha,
+            use_rslora: self.use_rslora,
+            use_dora: false,
+            target_modules: Some(self.target_modules.clone().into()),
+            base_model_name_or_path: base_model,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            modules_to_save: None,
+        }
+    }
+}
+
+/// Fresh LoRA factors for the layers a [`LoraSpec`] targets.
+pub(crate) struct FreshLora {
+    spec: LoraSpec,
+    adapted: RefCell<usize>,
+}
+
+impl FreshLora {
+    pub fn new(spec: &LoraSpec) -> Result<Self> {
+        if spec.r == 0 || spec.target_modules.is_empty() || !(0.0..1.0).contains(&spec.dropout) {
+            return Err(Error::InvalidArgument(format!(
+                "a LoRA adapter needs r ≥ 1, a target module and dropout in [0, 1); got r = {}, \
+                 targets {:?}, dropout {}",
+                spec.r, spec.target_modules, spec.dropout
+            )));
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            adapted: RefCell::new(0),
+        })
+    }
+
+    fn lora(&self, prefix: &str, in_features: usize, out_features: usize) -> Option<LoraWeights> {
+        use rand::SeedableRng;
+        if !self.spec.targets_module(prefix) {
+            return None;
+        }
+        *self.adapted.borrow_mut() += 1;
+        // Each layer's draw depends on the seed and its path only, not on loading order.
+        let layer_seed = prefix
+            .bytes()
+            .fold(self.spec.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let mut rng = rand::rngs::StdRng::seed_from_u64(layer_seed);
+        Some(LoraWeights::init(
+            self.spec.r,
+            in_features,
+            out_features,
+            self.spec.scale(),
+            self.spec.dropout,
+            &mut rng,
+        ))
+    }
+}
+
+/// The LoRA factors a load applies: a PEFT adapter's or fresh ones.
+pub(crate) enum AdapterWeights {
+    Peft(Box<PeftAdapter>),
+    Fresh(FreshLora),
+}
+
+impl AdapterWeights {
+    fn lora(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> std::result::Result<Option<LoraWeights>, ModelError> {
+        match self {
+            Self::Peft(adapter) => adapter.lora(prefix),
+            Self::Fresh(fresh) => Ok(fresh.lora(prefix, in_features, out_features)),
+        }
+    }
+
+    /// Fails when a PEFT adapter's tensors were not all used, or when fresh factors adapt
+    /// no layer.
+    pub fn check_all_used(&self) -> Result<()> {
+        match self {
+            Self::Peft(adapter) => adapter.check_all_used(),
+            Self::Fresh(fresh) if *fresh.adapted.borrow() == 0 => {
+                Err(Error::InvalidArgument(format!(
+                    "LoRA target modules {:?} match no linear layer of the model",
+                    fresh.spec.target_modules
+                )))
+            }
+            Self::Fresh(_) => Ok(()),
+        }
+    }
+
+    pub fn config(self, base_model: &Path) -> AdapterConfig {
+        match self {
+            Self::Peft(adapter) => adapter.config,
+            Self::Fresh(fresh) => fresh.spec.config(Some(base_model.display().to_string())),
+        }
+    }
+}
+
+/// A weight source with an adapter's LoRA factors on top, or folded into the weights
+/// (`merge`: `W + s·B·A` in f32, no separate factors).
 pub(crate) struct Adapted<'a> {
     pub inner: &'a dyn WeightSource,
-    pub adapter: Option<&'a PeftAdapter>,
+    pub adapter: Option<&'a AdapterWeights>,
+    pub merge: bool,
 }
 
 impl WeightSource for Adapted<'_> {
@@ -178,7 +340,47 @@ impl WeightSource for Adapted<'_> {
         out_features: usize,
         in_features: usize,
     ) -> std::result::Result<LinearWeight, ModelError> {
-        self.inner.linear_weight(name, out_features, in_features)
+        let factors = match (self.merge, self.adapter, name.strip_suffix(".weight")) {
+            (true, Some(adapter), Some(prefix)) => {
+                adapter.lora(prefix, in_features, out_features)?
+            }
+            _ => None,
+        };
+        let Some(factors) = factors else {
+            return self.inner.linear_weight(name, out_features, in_features);
+        };
+        let mut weight = self.inner.tensor(name)?;
+        moera_models::nn::check_shape(name, &weight, &[out_features, in_features])?;
+        let rank = factors.a.shape().first().copied().unwrap_or(0);
+        moera_models::nn::check_shape(&format!("{name} lora_A"), &factors.a, &[rank, in_features])?;
+        moera_models::nn::check_shape(
+            &format!("{name} lora_B"),
+            &factors.b,
+            &[out_features, rank],
+        )?;
+        let f32s = |data: &TensorData| {
+            data.clone()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| ModelError::Weights {
+                    name: name.to_string(),
+                    reason: format!("{e:?}"),
+                })
+        };
+        let (a, b) = (f32s(&factors.a)?, f32s(&factors.b)?);
+        let mut values = f32s(&weight)?;
+        // W[o, i] += s · Σ_r B[o, r] · A[r, i]
+        for (o, row) in values.chunks_exact_mut(in_features).enumerate() {
+            for r in 0..rank {
+                let coefficient = factors.scale * b[o * rank + r];
+                let a_row = &a[r * in_features..(r + 1) * in_features];
+                row.iter_mut()
+                    .zip(a_row)
+                    .for_each(|(w, &x)| *w += coefficient * x);
+            }
+        }
+        weight = TensorData::new(values, [out_features, in_features]);
+        Ok(LinearWeight::Dense(weight))
     }
 
     fn expert_weight(
@@ -196,7 +398,9 @@ impl WeightSource for Adapted<'_> {
         out_features: usize,
     ) -> std::result::Result<Option<LoraWeights>, ModelError> {
         match self.adapter {
-            Some(adapter) => adapter.lora(prefix),
+            // Merged factors are part of the weights already.
+            Some(_) if self.merge => Ok(None),
+            Some(adapter) => adapter.lora(prefix, in_features, out_features),
             None => self.inner.lora(prefix, in_features, out_features),
         }
     }

@@ -38,6 +38,8 @@ pub enum Error {
     Safetensors { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("{path}: training checkpoint: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
     #[error("{path}: LoRA adapter: {reason}")]
     Adapter { path: PathBuf, reason: String },
     #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]

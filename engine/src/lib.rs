@@ -31,6 +31,7 @@ pub mod quantization;
 pub mod safetensors_source;
 pub mod sampler;
 pub mod tokenizer;
+pub mod train;
 
 pub use burn::tensor::Device;
 pub use chat::{ChatMessage, ChatTemplate};

@@ -11,7 +11,7 @@ use moera_models::{CausalLm, Decoder, LogitsMode, ModelError, RouterTrace};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
-use crate::adapter::{Adapted, AdapterConfig, PeftAdapter};
+use crate::adapter::{Adapted, AdapterConfig, AdapterWeights, FreshLora, LoraSpec, PeftAdapter};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::device::DeviceKind;
 use crate::error::{Error, Result};
@@ -19,6 +19,40 @@ use crate::gguf::{GgufFile, GgufWeights, Value};
 use crate::quantization::{Quantization, Quantizing, WeightMemory};
 use crate::safetensors_source::SafetensorsWeights;
 use crate::sampler::SamplingParams;
+
+/// A checked batch for the loss: its tokens, and per scored position its target and weight.
+pub(crate) struct LossTargets {
+    /// `[batch · seq]` token ids.
+    pub tokens: Vec<u32>,
+    /// `[batch · (seq − 1)]` next-token targets (0 where not scored).
+    targets: Vec<i64>,
+    /// 1 where scored, else 0.
+    weights: Vec<f32>,
+    /// Positions scored.
+    pub scored: usize,
+    pub batch: usize,
+    pub seq: usize,
+    vocab: usize,
+}
+
+impl LossTargets {
+    /// The mean cross-entropy of `logits` `[batch, seq, vocab]` over the scored positions.
+    pub fn loss(&self, logits: Tensor<3>) -> Tensor<1> {
+        let device = logits.device();
+        let rows = self.batch * (self.seq - 1);
+        let logits = logits
+            .narrow(1, 0, self.seq - 1)
+            .reshape([rows, self.vocab]);
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(self.targets.clone(), [rows]), &device);
+        let weights =
+            Tensor::<1>::from_data(TensorData::new(self.weights.clone(), [rows]), &device);
+        let log_probs = log_softmax(logits, 1).gather(1, targets.reshape([rows, 1]));
+        (log_probs.reshape([rows]) * weights)
+            .sum()
+            .div_scalar(-(self.scored as f32))
+    }
+}
 
 /// Progress of a load, reported per decoder layer.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +71,11 @@ pub struct LoadOptions {
     pub quantization: Quantization,
     /// A PEFT LoRA adapter folder applied on top of the weights.
     pub adapter: Option<PathBuf>,
+    /// A new LoRA adapter (PEFT's initialization) to train; excludes `adapter`.
+    pub new_adapter: Option<LoraSpec>,
+    /// Fold `adapter` into the weights (`W + s·B·A`, as PEFT's `merge_and_unload`): the
+    /// adapted layers become f32 and run without the extra low-rank product.
+    pub merge_adapter: bool,
 }
 
 /// A language model ready to score and generate.
@@ -254,6 +293,31 @@ impl Model {
     /// transformers. A scalar tensor on the model's device: on an autodiff device,
     /// `backward()` gives the gradients of every trainable parameter.
     pub fn loss(&self, ids: &[Vec<u32>], labels: &[Vec<i64>]) -> Result<Tensor<1>> {
+        self.loss_with(&self.inner, ids, labels)
+    }
+
+    /// [`Model::loss`] computed by `decoder` (this model's, or a copy of it, e.g. without
+    /// autodiff for evaluation).
+    pub(crate) fn loss_with(
+        &self,
+        decoder: &Decoder,
+        ids: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> Result<Tensor<1>> {
+        let targets = self.loss_targets(ids, labels)?;
+        let device = decoder.device();
+        let tokens = token_tensor(&targets.tokens, targets.batch, &device);
+        let mut cache = decoder.new_cache(targets.batch, targets.seq);
+        let logits = decoder.forward(tokens, &mut cache, LogitsMode::All)?;
+        Ok(targets.loss(logits))
+    }
+
+    /// Checks a batch for [`Model::loss`] and lays out its targets.
+    pub(crate) fn loss_targets(
+        &self,
+        ids: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> Result<LossTargets> {
         let seq = ids.first().map_or(0, Vec::len);
         let vocab = self.vocab_size();
         if seq < 2 || ids.iter().any(|s| s.len() != seq) || labels.len() != ids.len() {
@@ -298,27 +362,19 @@ impl Model {
                 weights.push(if scored { 1f32 } else { 0.0 });
             }
         }
-        let scored: f32 = weights.iter().sum();
-        if scored == 0.0 {
+        let scored = weights.iter().sum::<f32>() as usize;
+        if scored == 0 {
             return Err(Error::InvalidArgument("no label is scored".into()));
         }
-        let batch = ids.len();
-        let device = self.device();
-        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let mut cache = self.inner.new_cache(batch, seq);
-        let logits = self.inner.forward(
-            token_tensor(&flat, batch, &device),
-            &mut cache,
-            LogitsMode::All,
-        )?;
-        let rows = batch * (seq - 1);
-        let logits = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]);
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [rows]), &device);
-        let weights = Tensor::<1>::from_data(TensorData::new(weights, [rows]), &device);
-        let log_probs = log_softmax(logits, 1).gather(1, targets.reshape([rows, 1]));
-        Ok((log_probs.reshape([rows]) * weights)
-            .sum()
-            .div_scalar(-scored))
+        Ok(LossTargets {
+            tokens: ids.iter().flatten().copied().collect(),
+            targets,
+            weights,
+            scored,
+            batch: ids.len(),
+            seq,
+            vocab,
+        })
     }
 
     /// Perplexity over consecutive non-overlapping windows of `ctx` tokens, each scored on
@@ -433,12 +489,22 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     }
 }
 
-fn open_adapter(options: &LoadOptions) -> Result<Option<PeftAdapter>> {
-    options
-        .adapter
-        .as_deref()
-        .map(PeftAdapter::open)
-        .transpose()
+fn open_adapter(options: &LoadOptions) -> Result<Option<AdapterWeights>> {
+    if options.merge_adapter && options.adapter.is_none() {
+        return Err(Error::InvalidArgument(
+            "merge_adapter needs an adapter to merge".into(),
+        ));
+    }
+    match (&options.adapter, &options.new_adapter) {
+        (Some(_), Some(_)) => Err(Error::InvalidArgument(
+            "load either a PEFT adapter or a new one, not both".into(),
+        )),
+        (Some(dir), None) => Ok(Some(AdapterWeights::Peft(Box::new(PeftAdapter::open(
+            dir,
+        )?)))),
+        (None, Some(spec)) => Ok(Some(AdapterWeights::Fresh(FreshLora::new(spec)?))),
+        (None, None) => Ok(None),
+    }
 }
 
 fn load_folder(
@@ -455,14 +521,15 @@ fn load_folder(
     let format = options
         .quantization
         .in_situ_format(weights.parameter_count());
-    let quantizing = Quantizing::new(&weights, format);
     let adapter = open_adapter(&options)?;
-    let source = Adapted {
-        inner: &quantizing,
+    let adapted = Adapted {
+        inner: &weights,
         adapter: adapter.as_ref(),
+        merge: options.merge_adapter,
     };
+    let quantizing = Quantizing::new(&adapted, format);
     let model = architecture
-        .load(&config_json, &source, device, progress)
+        .load(&config_json, &quantizing, device, progress)
         .map_err(|e| match e {
             ModelError::ConfigJson(reason) => Error::Config {
                 path: config_path.clone(),
@@ -478,7 +545,7 @@ fn load_folder(
         })?;
     adapter
         .as_ref()
-        .map(PeftAdapter::check_all_used)
+        .map(AdapterWeights::check_all_used)
         .transpose()?;
     let architecture = architecture.model_type().to_string();
 
@@ -534,7 +601,9 @@ fn load_folder(
         architecture,
         path: dir.to_path_buf(),
         weight_memory: quantizing.memory.get(),
-        adapter_config: adapter.map(|a| a.config),
+        adapter_config: adapter
+            .filter(|_| !options.merge_adapter)
+            .map(|a| a.config(dir)),
     })
 }
 
@@ -589,18 +658,19 @@ fn load_gguf(
         Quantization::Auto => None,
         other => other.in_situ_format(0),
     };
-    let quantizing = Quantizing::new(&weights, format);
     let adapter = open_adapter(&options)?;
-    let source = Adapted {
-        inner: &quantizing,
+    let adapted = Adapted {
+        inner: &weights,
         adapter: adapter.as_ref(),
+        merge: options.merge_adapter,
     };
+    let quantizing = Quantizing::new(&adapted, format);
     let model = kind
-        .load(&config, &source, device, progress)
+        .load(&config, &quantizing, device, progress)
         .map_err(model_error(path))?;
     adapter
         .as_ref()
-        .map(PeftAdapter::check_all_used)
+        .map(AdapterWeights::check_all_used)
         .transpose()?;
     let architecture = kind.model_type().to_string();
 
@@ -649,6 +719,8 @@ fn load_gguf(
         architecture,
         path: path.to_path_buf(),
         weight_memory: quantizing.memory.get(),
-        adapter_config: adapter.map(|a| a.config),
+        adapter_config: adapter
+            .filter(|_| !options.merge_adapter)
+            .map(|a| a.config(path)),
     })
 }

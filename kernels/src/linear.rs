@@ -121,8 +121,9 @@ impl QuantLinear {
             Executor::Reference => self.reference_rows(x, rows),
             Executor::Cpu => match &self.inner.host {
                 // Prefill: decoding each group once per token loses to a blocked f32 GEMM, so
-                // the rows are dequantized for the call (rayon) and multiplied by burn.
-                Some(host) if tokens >= CPU_GEMM_MIN_TOKENS => {
+                // the rows are dequantized for the call (rayon) and multiplied by burn. In
+                // training (autodiff) burn's matmul also carries the gradient back to `x`.
+                Some(host) if tokens >= CPU_GEMM_MIN_TOKENS || x.is_autodiff() => {
                     let device = x.device();
                     let shape = [rows.len(), cols];
                     let weights = TensorData::new(host.dequantize_rows(rows), shape);

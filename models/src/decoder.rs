@@ -232,6 +232,66 @@ impl Decoder {
         &self.info
     }
 
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of `tokens` `[batch, seq]`.
+    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.embed_tokens.forward(tokens)
+    }
+
+    /// Logits of hidden states: the final norm, then the head.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Layer `index` alone on hidden states `x` `[batch, seq, hidden]` of positions
+    /// `0..seq`, with a cache of its own: training runs the layers one at a time this way
+    /// to recompute a layer's activations in backward instead of keeping them.
+    pub fn layer_forward(&self, index: usize, x: Tensor<3>) -> Result<Tensor<3>, ModelError> {
+        let [batch, seq, _] = x.dims();
+        let device = x.device();
+        let (heads, dims) = self.layers[index].self_attn.cache_layout();
+        let mut cache = KvCache::new(1, batch, heads, dims, seq, &device);
+        let rope = self.rope.tables(0, seq, &device);
+        self.run_layer(index, x, &rope, &mut cache, 0, None)
+    }
+
+    /// Layer `index` on `x`, caching its keys and values in `cache` layer `cache_layer`.
+    fn run_layer(
+        &self,
+        index: usize,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        cache: &mut KvCache,
+        cache_layer: usize,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<Tensor<3>, ModelError> {
+        crate::nn::lora_dropout_layer(index);
+        let layer = &self.layers[index];
+        let attn = layer.self_attn.forward(
+            layer.input_layernorm.forward(x.clone()),
+            rope,
+            cache,
+            cache_layer,
+        );
+        let x = x + attn;
+        let h = layer.post_attention_layernorm.forward(x.clone());
+        let ff = match &layer.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(h),
+            FeedForward::Sparse(moe) => {
+                let (out, routing) = moe.forward(h, trace.is_some())?;
+                if let (Some(trace), Some(routing)) = (trace, routing) {
+                    trace.record(index, routing);
+                }
+                out
+            }
+        };
+        Ok(x + ff)
+    }
+
     /// A layer of standard attention (`{prefix}.self_attn`) and the given feed-forward
     /// block, with its two RMSNorms.
     pub fn standard_layer(
@@ -326,31 +386,15 @@ impl CausalLm for Decoder {
             });
         }
         let rope = self.rope.tables(cache.len(), seq, &self.device());
-        let mut x = self.embed_tokens.forward(tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let attn =
-                layer
-                    .self_attn
-                    .forward(layer.input_layernorm.forward(x.clone()), &rope, cache, i);
-            x = x + attn;
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            let ff = match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward(h),
-                FeedForward::Sparse(moe) => {
-                    let (out, routing) = moe.forward(h, trace.is_some())?;
-                    if let (Some(trace), Some(routing)) = (trace.as_deref_mut(), routing) {
-                        trace.record(i, routing);
-                    }
-                    out
-                }
-            };
-            x = x + ff;
+        let mut x = self.embed(tokens);
+        for i in 0..self.layers.len() {
+            x = self.run_layer(i, x, &rope, cache, i, trace.as_deref_mut())?;
         }
         cache.advance(seq);
         if mode == LogitsMode::Last && seq > 1 {
             x = x.slice([0..batch, seq - 1..seq, 0..self.info.hidden_size]);
         }
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        Ok(self.head(x))
     }
 
     fn device(&self) -> Device {

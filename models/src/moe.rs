@@ -6,7 +6,7 @@
 //! It is the path every backend runs today and the oracle for fused kernels.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use moera_kernels::moe::StackedExperts;
@@ -325,6 +325,33 @@ impl Router {
             ids,
             weights,
         })
+    }
+
+    /// The weights of the experts `ids` (`[tokens · top_k]`, as routed) as tensor ops on
+    /// `logits` `[tokens, experts]`: [`RouterSpec::route_token`]'s weights, differentiable.
+    pub fn weights_of(&self, logits: Tensor<2>, ids: &[u32]) -> Tensor<1> {
+        let [tokens, _] = logits.dims();
+        let k = self.spec.top_k;
+        let device = logits.device();
+        let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [tokens, k]), &device);
+        let normalized = |w: Tensor<2>, epsilon: f32| {
+            let sum = w.clone().sum_dim(1).add_scalar(epsilon);
+            w / sum
+        };
+        let weights = match &self.spec.method {
+            RoutingMethod::SoftmaxTopK { normalize } => {
+                let w = softmax(logits, 1).gather(1, ids);
+                if *normalize { normalized(w, 0.0) } else { w }
+            }
+            RoutingMethod::SoftmaxGroupLimited { .. } => softmax(logits, 1).gather(1, ids),
+            RoutingMethod::SigmoidGroupLimited { normalize, .. } => {
+                let w = sigmoid(logits).gather(1, ids);
+                if *normalize { normalized(w, 1e-20) } else { w }
+            }
+            RoutingMethod::TopKSoftmax => softmax(logits.gather(1, ids), 1),
+        };
+        weights.mul_scalar(self.spec.scale).reshape([tokens * k])
     }
 
     /// Routes router logits with the fused kernel, leaving ids and weights on the device;
@@ -823,23 +850,39 @@ impl Experts {
     /// The reference sparse dispatch: rows of `x` `[tokens, H]` grouped by chosen expert,
     /// each expert run once on its rows, results weighted and scatter-added per token.
     pub fn forward_sparse(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+        let slots = routing.ids.len();
+        let weights = TensorData::new(routing.weights.clone(), [slots]);
+        let weights = Tensor::from_data(weights, &x.device());
+        self.forward_sparse_weighted(x, routing, weights)
+    }
+
+    /// [`Experts::forward_sparse`] with the routing weights given as a tensor `[tokens ·
+    /// top_k]` (slot order), so that training carries gradients back to the router.
+    pub fn forward_sparse_weighted(
+        &self,
+        x: Tensor<2>,
+        routing: &Routing,
+        weights: Tensor<1>,
+    ) -> Tensor<2> {
         let [tokens, hidden] = x.dims();
         let device = x.device();
-        let mut slots: Vec<(u32, usize, f32)> = routing
+        // (expert, token, slot), sorted so each expert's rows are contiguous.
+        let mut slots: Vec<(u32, usize, usize)> = routing
             .ids
             .iter()
-            .zip(&routing.weights)
             .enumerate()
-            .map(|(slot, (&e, &w))| (e, slot / routing.top_k, w))
+            .map(|(slot, &e)| (e, slot / routing.top_k, slot))
             .collect();
         slots.sort_by_key(|&(e, token, _)| (e, token));
-        let order: Vec<i64> = slots.iter().map(|&(_, t, _)| t as i64).collect();
-        let weights: Vec<f32> = slots.iter().map(|&(_, _, w)| w).collect();
-        let count = order.len();
+        let count = slots.len();
         if count == 0 {
             return Tensor::zeros([tokens, hidden], &device);
         }
-        let order = Tensor::<1, Int>::from_data(TensorData::new(order, [count]), &device);
+        let index = |values: Vec<i64>| {
+            Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &device)
+        };
+        let order = index(slots.iter().map(|&(_, t, _)| t as i64).collect());
+        let slot_order = index(slots.iter().map(|&(_, _, s)| s as i64).collect());
         let rows = x.select(0, order.clone());
         let mut outputs = Vec::new();
         let mut start = 0;
@@ -851,7 +894,7 @@ impl Experts {
             );
             start = end;
         }
-        let weights = Tensor::<2>::from_data(TensorData::new(weights, [count, 1]), &device);
+        let weights = weights.select(0, slot_order).reshape([count, 1]);
         let weighted = Tensor::cat(outputs, 0) * weights;
         Tensor::zeros([tokens, hidden], &device).select_assign(
             0,
@@ -966,6 +1009,16 @@ impl SparseMoe {
                     None
                 };
                 (out, routing)
+            }
+            None if logits.is_autodiff() => {
+                // Training: the weights are recomputed from the logits with tensor ops so
+                // the router gets gradients (the choice of experts has none).
+                let routing = self.router.route_logits(logits.clone())?;
+                let weights = self.router.weights_of(logits, &routing.ids);
+                let out = self
+                    .experts
+                    .forward_sparse_weighted(rows.clone(), &routing, weights);
+                (out, record.then_some(routing))
             }
             None => {
                 let routing = self.router.route_logits(logits)?;

@@ -71,6 +71,9 @@ pub struct LoraAdapter {
     /// The adapted layer's HF module path (`model.layers.0.self_attn.q_proj`): PEFT's keys.
     #[module(skip)]
     pub path: String,
+    /// Probability of zeroing an input of `A` while training (on an autodiff device).
+    #[module(skip)]
+    pub dropout: f64,
 }
 
 /// A LoRA adapter's factors as a [`WeightSource`] hands them over, in PEFT's layout.
@@ -82,6 +85,33 @@ pub struct LoraWeights {
     pub b: TensorData,
     /// `alpha / r`, or `alpha / √r` with rsLoRA.
     pub scale: f32,
+    /// PEFT's `lora_dropout`, applied only while training.
+    pub dropout: f64,
+}
+
+impl LoraWeights {
+    /// Fresh factors as PEFT initializes them: `lora_A` Kaiming-uniform (bound `1/√in`),
+    /// `lora_B` zero, so the adapted layer starts equal to the base. `rng` draws `A`.
+    pub fn init(
+        rank: usize,
+        in_features: usize,
+        out_features: usize,
+        scale: f32,
+        dropout: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Self {
+        // torch's kaiming_uniform_(a=√5) on a [r, in] weight: gain √(2/6), bound gain·√(3/in).
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let a: Vec<f32> = (0..rank * in_features)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Self {
+            a: TensorData::new(a, [rank, in_features]),
+            b: TensorData::new(vec![0f32; out_features * rank], [out_features, rank]),
+            scale,
+            dropout,
+        }
+    }
 }
 
 impl LoraAdapter {
@@ -112,14 +142,70 @@ impl LoraAdapter {
             b: param(&weights.b),
             scale: weights.scale,
             path: name.to_string(),
+            dropout: weights.dropout,
         })
     }
 
-    /// `scale · (x·A)·B`.
+    /// `scale · (dropout(x)·A)·B`; dropout only while [`lora_dropout`] is on (training),
+    /// as PEFT drops only in training mode.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = match lora_dropout_mask(x.shape(), self.dropout, &x.device()) {
+            Some(mask) => x * mask,
+            None => x,
+        };
         let down = burn::tensor::module::linear(x, self.a.val(), None);
         burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
     }
+}
+
+thread_local! {
+    /// This thread's LoRA dropout: its seed and the generator of the current layer.
+    static DROPOUT: std::cell::RefCell<Option<(u64, rand::rngs::StdRng)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Turns LoRA dropout on for this thread with `seed` (training), or off with `None`.
+/// Masks are drawn from a generator reseeded at each decoder layer from the seed and the
+/// layer's index ([`lora_dropout_layer`]), so recomputing a layer (gradient checkpointing)
+/// or resuming a run draws the same masks.
+pub fn lora_dropout(seed: Option<u64>) {
+    use rand::SeedableRng;
+    DROPOUT.with(|d| {
+        *d.borrow_mut() = seed.map(|s| (s, rand::rngs::StdRng::seed_from_u64(s)));
+    });
+}
+
+/// Reseeds this thread's LoRA dropout (if on) for decoder layer `layer`.
+pub fn lora_dropout_layer(layer: usize) {
+    use rand::SeedableRng;
+    DROPOUT.with(|d| {
+        if let Some((seed, rng)) = d.borrow_mut().as_mut() {
+            let layer_seed =
+                seed.wrapping_add((layer as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            *rng = rand::rngs::StdRng::seed_from_u64(layer_seed);
+        }
+    });
+}
+
+/// An inverted-dropout mask (kept entries `1/(1−p)`) when dropout is on and `p > 0`.
+fn lora_dropout_mask<const D: usize>(
+    shape: burn::tensor::Shape,
+    p: f64,
+    device: &Device,
+) -> Option<Tensor<D>> {
+    use rand::Rng;
+    if p <= 0.0 {
+        return None;
+    }
+    DROPOUT.with(|d| {
+        let mut state = d.borrow_mut();
+        let (_, rng) = state.as_mut()?;
+        let kept = (1.0 / (1.0 - p)) as f32;
+        let values: Vec<f32> = (0..shape.num_elements())
+            .map(|_| if rng.random_bool(1.0 - p) { kept } else { 0.0 })
+            .collect();
+        Some(Tensor::from_data(TensorData::new(values, shape), device))
+    })
 }
 
 impl Linear {

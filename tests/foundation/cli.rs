@@ -368,3 +368,114 @@ fn moe_perplexity_command_matches_transformers() {
         "{value} vs {expected}"
     );
 }
+
+/// `moera train` on tiny-qwen3-moe (its BPE tokenizer, prompt/completion data): LoRA for a
+/// few steps with a JSONL event log and a held-out split, the adapter saved in PEFT's
+/// format, then `moera logits --adapter` and `--merge-adapter` give the same logits; a
+/// malformed line stops it with its line number.
+#[test]
+fn train_writes_an_adapter_that_logits_loads() {
+    let dir = scratch();
+    let data = dir.path().join("train.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("the number {i} is"), "completion": " small"})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = fixtures().join("tiny-qwen3-moe");
+    let out = dir.path().join("adapter");
+    let log = dir.path().join("events.jsonl");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let output = moera(&[
+        "train",
+        "--model",
+        &path(&model),
+        "--data",
+        &path(&data),
+        "--strategy",
+        "lora",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--validation",
+        "0.25",
+        "--eval-every",
+        "2",
+        "--checkpointing",
+        "--out",
+        &path(&out),
+        "--log",
+        &path(&log),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("adapter saved"), "{stdout}");
+    assert!(out.join("adapter_config.json").exists());
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    // 9 training examples, batches of 2, 2 epochs: 10 steps.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "step").count(),
+        10,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.first(), Some(&"started"));
+    assert_eq!(kinds.last(), Some(&"finished"));
+    assert!(kinds.contains(&"eval"));
+
+    let logits = |extra: &[&str]| {
+        let file = dir.path().join("logits.safetensors");
+        let mut args = vec!["logits", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let file_arg = path(&file);
+        args.extend_from_slice(&["--prompt-ids", "1,2,3,4", "--out", &file_arg]);
+        moera(&args);
+        crate::common::reference(&file).remove("logits").unwrap().1
+    };
+    let adapter_arg = path(&out);
+    let adapted = logits(&["--adapter", &adapter_arg]);
+    let merged = logits(&["--adapter", &adapter_arg, "--merge-adapter"]);
+    let base = logits(&[]);
+    let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff(&adapted, &merged) < 1e-4,
+        "merged differs by {}",
+        diff(&adapted, &merged)
+    );
+    assert!(diff(&adapted, &base) > 1e-3, "the adapter changed nothing");
+
+    std::fs::write(&data, format!("{}\n{{\"prompt\": 3}}\n", lines[0])).unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_moera"))
+        .args([
+            "train",
+            "--model",
+            &path(&model),
+            "--data",
+            &path(&data),
+            "--out",
+            &path(&out),
+        ])
+        .env("MOERA_DEVICE", "flex")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("train.jsonl:2"),
+        "{stderr}"
+    );
+}

@@ -12,7 +12,10 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// Tensors of a reference `.safetensors` file, as f32 (ints converted).
-pub fn reference(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+/// Reference tensors by name: shape and values.
+pub type Reference = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+pub fn reference(path: &Path) -> Reference {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid reference file");
     tensors

@@ -7,7 +7,7 @@ use moera::engine::{Device, Error, LoadOptions, Model};
 
 use crate::common::*;
 
-fn with_adapter(model: &str, adapter: &Path, device: &Device) -> Result<Model, Error> {
+pub(crate) fn with_adapter(model: &str, adapter: &Path, device: &Device) -> Result<Model, Error> {
     let options = LoadOptions {
         adapter: Some(adapter.to_path_buf()),
         ..Default::default()
@@ -45,6 +45,43 @@ fn check_peft_logits(device: &Device) {
 #[test]
 fn peft_adapter_gives_peft_logits() {
     check_peft_logits(&flex());
+}
+
+/// An adapter merged into the weights at load gives PEFT's logits too, with no separate
+/// factors left.
+#[test]
+fn merged_adapter_gives_peft_logits() {
+    use moera::models::CausalLm;
+    let adapter = fixtures().join("tiny-llama-lora");
+    let reference = reference(&adapter.join("reference.safetensors"));
+    let prompt = ids(&reference["prompt_ids"].1);
+    let options = LoadOptions {
+        adapter: Some(adapter.clone()),
+        merge_adapter: true,
+        ..Default::default()
+    };
+    let model = Model::load_with(fixtures().join("tiny-llama"), &flex(), options, &mut |_| {})
+        .expect("load merged");
+    assert!(model.decoder().lora_adapters().is_empty());
+    let diff = max_abs_diff(&model.logits(&prompt).unwrap(), &reference["logits"].1);
+    assert!(
+        diff < 1e-4,
+        "merged adapter: logits differ from PEFT's by {diff}"
+    );
+    assert!(model.save_adapter(&scratch().path().join("a")).is_err());
+
+    let merge_nothing = LoadOptions {
+        merge_adapter: true,
+        ..Default::default()
+    };
+    let err = Model::load_with(
+        fixtures().join("tiny-llama"),
+        &flex(),
+        merge_nothing,
+        &mut |_| {},
+    )
+    .expect_err("nothing to merge");
+    assert!(err.to_string().contains("needs an adapter"), "{err}");
 }
 
 #[cfg(feature = "wgpu")]
@@ -127,9 +164,7 @@ fn adapters_that_do_not_fit_are_refused() {
 }
 
 /// The fixture's training batch: token ids and labels (−100: not scored), `[2][10]`.
-fn training_batch(
-    reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
-) -> (Vec<Vec<u32>>, Vec<Vec<i64>>) {
+pub(crate) fn training_batch(reference: &Reference) -> (Vec<Vec<u32>>, Vec<Vec<i64>>) {
     let (shape, batch) = &reference["batch_ids"];
     let labels = reference["batch_labels"]
         .1
@@ -140,47 +175,51 @@ fn training_batch(
 }
 
 /// One training step's loss and LoRA gradients against PEFT + PyTorch's for the same
-/// adapter and batch (2 × 10 tokens, the first 4 of each not scored), on flex with autodiff.
+/// adapter and batch (2 × 10 tokens, the first 4 of each not scored), on flex with autodiff:
+/// tiny-llama (attention and MLP adapted) and tiny-mixtral (attention adapted; the
+/// gradients pass back through the experts and the routing weights).
 #[test]
 fn lora_loss_and_gradients_match_peft() {
-    let device = Device::flex().autodiff();
-    let adapter = fixtures().join("tiny-llama-lora");
-    let reference = reference(&adapter.join("reference.safetensors"));
-    let model = with_adapter("tiny-llama", &adapter, &device).expect("load with adapter");
-    let (ids, labels) = training_batch(&reference);
-    let loss = model.loss(&ids, &labels).expect("loss");
-    let value = loss
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap()[0];
-    let expected = reference["loss"].1[0];
-    assert!(
-        (value as f64 - expected).abs() < 1e-5,
-        "loss {value}, PEFT {expected}"
-    );
-    let grads = loss.backward();
-    let adapters = model.causal_lm().lora_adapters();
-    assert_eq!(adapters.len(), 2 * 5, "adapted layers");
-    for adapter in adapters {
-        for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
-            let key = format!("grad.base_model.model.{}.{factor}.weight", adapter.path);
-            let (shape, expected) = &reference[&key];
-            // moera holds the factors transposed (`[in, r]`, `[r, out]`).
-            let grad = param.val().grad(&grads).expect("a gradient").transpose();
-            assert_eq!(grad.dims().to_vec(), *shape, "{key}");
-            let grad = grad
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-            let diff = max_abs_diff(&grad, expected);
-            assert!(
-                diff / scale < 1e-4,
-                "{key}: gradient differs by {diff} (scale {scale})"
-            );
+    for (base, adapted_layers) in [("tiny-llama", 2 * 5), ("tiny-mixtral", 2 * 4)] {
+        let device = Device::flex().autodiff();
+        let adapter = fixtures().join(format!("{base}-lora"));
+        let reference = reference(&adapter.join("reference.safetensors"));
+        let model = with_adapter(base, &adapter, &device).expect("load with adapter");
+        let (ids, labels) = training_batch(&reference);
+        let loss = model.loss(&ids, &labels).expect("loss");
+        let value = loss
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()[0];
+        let expected = reference["loss"].1[0];
+        assert!(
+            (value as f64 - expected).abs() < 1e-5,
+            "{base}: loss {value}, PEFT {expected}"
+        );
+        let grads = loss.backward();
+        let adapters = model.causal_lm().lora_adapters();
+        assert_eq!(adapters.len(), adapted_layers, "{base}: adapted layers");
+        for adapter in adapters {
+            for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
+                let key = format!("grad.base_model.model.{}.{factor}.weight", adapter.path);
+                let (shape, expected) = &reference[&key];
+                // moera holds the factors transposed (`[in, r]`, `[r, out]`).
+                let grad = param.val().grad(&grads).expect("a gradient").transpose();
+                assert_eq!(grad.dims().to_vec(), *shape, "{key}");
+                let grad = grad
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&grad, expected);
+                assert!(
+                    diff / scale < 1e-4,
+                    "{base} {key}: gradient differs by {diff} (scale {scale})"
+                );
+            }
         }
     }
 }

@@ -10,3 +10,4 @@ mod llama_parity;
 mod lora;
 mod moe_parity;
 mod smollm2;
+mod training;

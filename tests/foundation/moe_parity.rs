@@ -1,8 +1,6 @@
 //! Tiny random MoE checkpoints (one per architecture) against HF transformers: logits,
 //! every MoE layer's expert choices and weights, greedy tokens, and cached decoding.
 
-use std::collections::HashMap;
-
 use moera::engine::{Device, Model};
 use moera::models::LogitsMode;
 use moera::models::nn::token_tensor;
@@ -21,8 +19,6 @@ pub const MOE_FIXTURES: &[&str] = &[
     "tiny-deepseek-v3",
     "tiny-gpt-oss",
 ];
-
-type Reference = HashMap<String, (Vec<usize>, Vec<f64>)>;
 
 /// Every MoE layer's (expert id, weight) pairs per token equal transformers' as sets.
 fn check_routing(name: &str, model: &Model, prompt: &[u32], reference: &Reference) {

@@ -1,0 +1,319 @@
+//! The trainer: per-layer gradient checkpointing gives the gradients PEFT gives, training
+//! lowers the loss, an interrupted run resumes to the uninterrupted run's weights, and bad
+//! settings are refused.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use moera::engine::Device;
+use moera::engine::adapter::LoraSpec;
+use moera::engine::dataset::{Batch, Dataset, TokenizedExample};
+use moera::engine::train::{
+    Checkpointing, Schedule, Trainer, TrainingConfig, TrainingEvent, TrainingStrategy,
+};
+use moera::models::CausalLm;
+
+use crate::common::*;
+use crate::lora::{training_batch, with_adapter};
+
+/// The reference batch of the LoRA fixture (2 × 10 tokens, 4 prompt tokens each).
+fn reference_batch() -> (Batch, Reference) {
+    let reference = reference(&fixtures().join("tiny-llama-lora/reference.safetensors"));
+    let (ids, labels) = training_batch(&reference);
+    (Batch { ids, labels }, reference)
+}
+
+/// Every parameter's gradient by module path.
+struct GradsByPath<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    found: BTreeMap<String, Vec<f32>>,
+}
+
+impl ModuleVisitor for GradsByPath<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
+            let values = grad.into_data().convert::<f32>().try_to_vec().unwrap();
+            self.found.insert(self.path.join("."), values);
+        }
+    }
+}
+
+fn grads_by_path(trainer: &Trainer, batch: &Batch) -> (f32, BTreeMap<String, Vec<f32>>) {
+    let (loss, grads) = trainer.loss_and_gradients(batch).expect("gradients");
+    let mut visitor = GradsByPath {
+        grads: &grads,
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    trainer.model().decoder().visit(&mut visitor);
+    (loss, visitor.found)
+}
+
+fn config(strategy: TrainingStrategy, checkpointing: Checkpointing) -> TrainingConfig {
+    TrainingConfig {
+        strategy,
+        checkpointing,
+        ..TrainingConfig::default()
+    }
+}
+
+/// Per-layer checkpointing recomputes each layer in backward: the loss and every gradient
+/// equal those of the plain backward, for full training (every weight, the embedding
+/// included) and for the PEFT fixture's adapter, whose gradients also match PEFT's.
+#[test]
+fn layer_checkpointing_gives_the_same_loss_and_gradients() {
+    let (batch, reference) = reference_batch();
+    for name in ["tiny-llama", "tiny-mixtral"] {
+        let tiny = fixtures().join(name);
+        let full = |checkpointing| {
+            let config = config(TrainingStrategy::Full, checkpointing);
+            let trainer = Trainer::new(&tiny, &flex(), config).expect("trainer");
+            grads_by_path(&trainer, &batch)
+        };
+        let (plain_loss, plain) = full(Checkpointing::Off);
+        let (layered_loss, layered) = full(Checkpointing::Layers);
+        eprintln!("{name}: {:?}", plain.keys().collect::<Vec<_>>());
+        assert!(plain.len() > 20 && plain.contains_key("embed_tokens.weight"));
+        assert_eq!(
+            plain.keys().collect::<Vec<_>>(),
+            layered.keys().collect::<Vec<_>>()
+        );
+        assert!(
+            (plain_loss - layered_loss).abs() < 1e-6,
+            "{plain_loss} vs {layered_loss}"
+        );
+        for (param, grad) in &plain {
+            let other: Vec<f64> = layered[param].iter().map(|&v| v as f64).collect();
+            let scale = grad.iter().fold(1e-6f32, |m, v| m.max(v.abs())) as f64;
+            let diff = max_abs_diff(grad, &other);
+            assert!(
+                diff / scale < 1e-5,
+                "{name} {param}: differs by {diff} (scale {scale})"
+            );
+        }
+    }
+
+    // PEFT's adapter, checkpointed: PEFT's loss and gradients.
+    let adapter = fixtures().join("tiny-llama-lora");
+    let model = with_adapter("tiny-llama", &adapter, &Device::flex().autodiff()).unwrap();
+    let lora = TrainingStrategy::Lora(LoraSpec::new(4, 8.0));
+    let trainer = Trainer::from_model(model, config(lora, Checkpointing::Layers)).unwrap();
+    let (loss, grads) = trainer.loss_and_gradients(&batch).unwrap();
+    assert!(
+        (loss as f64 - reference["loss"].1[0]).abs() < 1e-5,
+        "loss {loss}"
+    );
+    for adapter in trainer.model().decoder().lora_adapters() {
+        for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
+            let key = format!("grad.base_model.model.{}.{factor}.weight", adapter.path);
+            let grad = grads.get::<2>(param.id).expect("gradient").transpose();
+            let grad: Vec<f32> = grad.into_data().convert::<f32>().try_to_vec().unwrap();
+            let expected = &reference[&key].1;
+            let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&grad, expected);
+            assert!(diff / scale < 1e-4, "{key}: differs from PEFT by {diff}");
+        }
+    }
+}
+
+/// A small memorization task on tiny-llama: the reference batch's examples.
+fn tiny_dataset() -> Dataset {
+    let (batch, _) = reference_batch();
+    let examples: Vec<TokenizedExample> = batch
+        .ids
+        .iter()
+        .zip(&batch.labels)
+        .map(|(ids, labels)| TokenizedExample {
+            ids: ids.clone(),
+            labels: labels.clone(),
+        })
+        .collect();
+    Dataset {
+        train: [examples.clone(), examples.clone()].concat(),
+        validation: examples,
+        skipped_lines: 0,
+        truncated: 0,
+    }
+}
+
+fn lora_config() -> TrainingConfig {
+    TrainingConfig {
+        strategy: TrainingStrategy::Lora(LoraSpec {
+            dropout: 0.1,
+            seed: 7,
+            ..LoraSpec::new(4, 8.0).targets(["all-linear"])
+        }),
+        learning_rate: 2e-2,
+        epochs: 4,
+        batch_size: 1,
+        gradient_accumulation: 2,
+        warmup_steps: 1,
+        schedule: Schedule::Cosine,
+        weight_decay: 0.01,
+        max_grad_norm: Some(1.0),
+        eval_every: Some(2),
+        ..TrainingConfig::default()
+    }
+}
+
+/// A fresh adapter starts as the base model (PEFT's zero `B`); LoRA training on a tiny
+/// task lowers the training and validation loss, and the bus reports every step.
+#[test]
+fn lora_training_lowers_the_loss() {
+    let tiny = fixtures().join("tiny-llama");
+    let data = tiny_dataset();
+    let mut trainer = Trainer::new(&tiny, &flex(), lora_config()).expect("trainer");
+    let base = load_on(&tiny, &flex());
+    let prompt = &data.validation[0].ids;
+    let diff = max_abs_diff(
+        &trainer.model().logits(prompt).unwrap(),
+        &base
+            .logits(prompt)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect::<Vec<_>>(),
+    );
+    assert!(diff < 1e-5, "a fresh adapter changes the logits by {diff}");
+    let adapters = trainer.model().decoder().lora_adapters().len();
+    assert_eq!(adapters, 2 * 7, "all-linear adapts 7 linears per layer");
+    let before = trainer.evaluate(&data.validation).unwrap();
+    let events = trainer.events().subscribe();
+    let summary = trainer.train(&data).expect("train");
+    assert_eq!(summary.steps, 8);
+    let after = trainer.evaluate(&data.validation).unwrap();
+    assert!(after < 0.7 * before, "validation loss {before} → {after}");
+    let events: Vec<TrainingEvent> = events.try_iter().collect();
+    let steps = events
+        .iter()
+        .filter(|e| matches!(e, TrainingEvent::Step { .. }))
+        .count();
+    let evals = events
+        .iter()
+        .filter(|e| matches!(e, TrainingEvent::Eval { .. }))
+        .count();
+    assert_eq!((steps, evals), (8, 4), "{events:?}");
+    assert!(matches!(
+        events.first(),
+        Some(TrainingEvent::Started { total_steps: 8, .. })
+    ));
+    assert!(matches!(
+        events.last(),
+        Some(TrainingEvent::Finished { steps: 8, .. })
+    ));
+}
+
+fn lora_factors(trainer: &Trainer) -> Vec<f32> {
+    trainer
+        .model()
+        .decoder()
+        .lora_adapters()
+        .iter()
+        .flat_map(|a| [a.a.val(), a.b.val()])
+        .flat_map(|t| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap())
+        .collect()
+}
+
+/// Train 3 steps, checkpoint, resume in a new trainer and finish: the weights equal an
+/// uninterrupted run's (same data order, dropout masks, optimizer moments and schedule).
+#[test]
+fn an_interrupted_run_resumes_where_it_stopped() {
+    let tiny = fixtures().join("tiny-llama");
+    let data = tiny_dataset();
+    let mut straight = Trainer::new(&tiny, &flex(), lora_config()).unwrap();
+    straight.train(&data).unwrap();
+
+    let dir = scratch();
+    let mut first = Trainer::new(&tiny, &flex(), lora_config()).unwrap();
+    first.train_for(&data, 3).unwrap();
+    assert_eq!(first.state().step, 3);
+    let checkpoint = dir.path().join("checkpoint-3");
+    first.save_checkpoint(&checkpoint).unwrap();
+    assert!(
+        checkpoint
+            .join("adapter/adapter_model.safetensors")
+            .exists()
+    );
+    drop(first);
+    let mut resumed = Trainer::resume(&tiny, &checkpoint, &flex(), lora_config()).unwrap();
+    assert_eq!(resumed.state().step, 3);
+    resumed.train(&data).unwrap();
+    assert_eq!(
+        resumed.state().losses,
+        straight.state().losses,
+        "step losses"
+    );
+    let diff = max_abs_diff(
+        &lora_factors(&resumed),
+        &lora_factors(&straight)
+            .iter()
+            .map(|&v| v as f64)
+            .collect::<Vec<_>>(),
+    );
+    assert!(diff < 1e-6, "resumed weights differ by {diff}");
+
+    // A checkpoint of another strategy does not fit.
+    let full = config(TrainingStrategy::Full, Checkpointing::Off);
+    let err = Trainer::resume(
+        &tiny,
+        &checkpoint,
+        &flex(),
+        TrainingConfig { seed: 42, ..full },
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("training checkpoint"), "{err}");
+}
+
+#[test]
+fn bad_training_settings_are_refused() {
+    let tiny = fixtures().join("tiny-llama");
+    let refused = |config: TrainingConfig| {
+        Trainer::new(&tiny, &flex(), config)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let lora = |spec: LoraSpec| TrainingConfig {
+        strategy: TrainingStrategy::Lora(spec),
+        ..TrainingConfig::default()
+    };
+    let msg = refused(lora(LoraSpec::new(4, 8.0).targets(["no_such_proj"])));
+    assert!(msg.contains("match no linear layer"), "{msg}");
+    let msg = refused(lora(LoraSpec::new(0, 8.0)));
+    assert!(msg.contains("r ≥ 1"), "{msg}");
+    let msg = refused(TrainingConfig {
+        batch_size: 0,
+        ..TrainingConfig::default()
+    });
+    assert!(msg.contains("batch size"), "{msg}");
+    let msg = refused(TrainingConfig {
+        strategy: TrainingStrategy::Full,
+        quantization: moera::engine::Quantization::Int8,
+        ..TrainingConfig::default()
+    });
+    assert!(msg.contains("full fine-tuning"), "{msg}");
+    let mut trainer = Trainer::new(&tiny, &flex(), TrainingConfig::default()).unwrap();
+    let empty = Dataset {
+        train: vec![],
+        validation: vec![],
+        skipped_lines: 0,
+        truncated: 0,
+    };
+    let events = trainer.events().subscribe();
+    let msg = trainer.train(&empty).expect_err("refused").to_string();
+    assert!(msg.contains("no training examples"), "{msg}");
+    assert!(matches!(
+        events.try_recv(),
+        Ok(TrainingEvent::Failed { .. })
+    ));
+}
