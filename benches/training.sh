@@ -13,3 +13,6 @@ for config in "lora off 256 4" "lora layers 256 4" "lora off 1024 1" "lora layer
   [ "${config%% *}" = lora ] && "$bench" $config "$steps" auto
   python3 benches/training_peer.py $config "$steps"
 done
+# burn's op-level checkpointing, for comparison (moera only).
+"$bench" lora balanced 256 4 "$steps" none
+"$bench" lora balanced 1024 1 "$steps" none

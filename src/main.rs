@@ -58,7 +58,8 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Fold the adapter into the weights at load (the adapted layers become f32).
+    /// Fold the adapter into the weights at load (the adapted layers become f32, or are
+    /// quantized again with --quant int8/int4).
     #[arg(long, requires = "adapter")]
     merge_adapter: bool,
 }

@@ -170,6 +170,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if data.skipped_lines > 0 {
         eprintln!("skipped {} malformed lines", data.skipped_lines);
     }
+    if data.unscored > 0 {
+        eprintln!("skipped {} examples with no token to learn", data.unscored);
+    }
     if data.truncated > 0 {
         eprintln!(
             "{} examples truncated to {} tokens",

@@ -63,6 +63,8 @@ pub struct Dataset {
     pub skipped_lines: usize,
     /// Examples cut to `max_len`.
     pub truncated: usize,
+    /// Examples left with no token to learn (e.g. the prompt filled `max_len`), dropped.
+    pub unscored: usize,
 }
 
 /// The examples of a JSONL text with their line numbers (1-based); blank lines are ignored.
@@ -125,7 +127,7 @@ impl Dataset {
             ));
         }
         let mut tokenized = Vec::with_capacity(examples.len());
-        let mut truncated = 0;
+        let (mut truncated, mut unscored) = (0, 0);
         for (line, example) in &examples {
             let mut example = tokenize(model, example).map_err(|e| match e {
                 Error::InvalidArgument(reason) => invalid(Some(*line), reason),
@@ -141,7 +143,25 @@ impl Dataset {
                     options.max_len
                 );
             }
+            // Position 0 is never predicted: an example needs a learned token after it.
+            if !example.labels.iter().skip(1).any(|&l| l != IGNORED_LABEL) {
+                unscored += 1;
+                tracing::warn!(
+                    "{}:{line}: no completion token to learn; skipped",
+                    path.display()
+                );
+                continue;
+            }
             tokenized.push(example);
+        }
+        if tokenized.is_empty() {
+            return Err(invalid(
+                None,
+                format!(
+                    "none of the {} examples has a token to learn",
+                    examples.len()
+                ),
+            ));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
         tokenized.shuffle(&mut rng);
@@ -153,6 +173,7 @@ impl Dataset {
             validation,
             skipped_lines,
             truncated,
+            unscored,
         })
     }
 }

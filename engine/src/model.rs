@@ -74,7 +74,8 @@ pub struct LoadOptions {
     /// A new LoRA adapter (PEFT's initialization) to train; excludes `adapter`.
     pub new_adapter: Option<LoraSpec>,
     /// Fold `adapter` into the weights (`W + s·B·A`, as PEFT's `merge_and_unload`): the
-    /// adapted layers become f32 and run without the extra low-rank product.
+    /// adapted layers become f32 (or are quantized again by an in-situ `quantization`) and
+    /// run without the extra low-rank product.
     pub merge_adapter: bool,
 }
 

@@ -84,7 +84,8 @@ pub struct TrainingConfig {
     pub epochs: usize,
     /// Sequences per forward pass.
     pub batch_size: usize,
-    /// Forward passes whose gradients are averaged into one optimizer step.
+    /// Forward passes whose gradients are averaged into one optimizer step (each batch's
+    /// mean loss weighs the same, as transformers before 4.46; not by scored tokens).
     pub gradient_accumulation: usize,
     /// Optimizer steps of linear warmup from 0.
     pub warmup_steps: usize,
@@ -250,6 +251,10 @@ pub struct TrainerState {
     /// `(step, loss)` of each evaluation.
     pub eval_losses: Vec<(usize, f32)>,
     pub seed: u64,
+    /// The settings that decide what a step does (strategy, base precision, batching,
+    /// schedule): a checkpoint resumes only under the same ones.
+    #[serde(default)]
+    pub run: String,
 }
 
 /// What a finished (or interrupted) run measured.
@@ -309,8 +314,12 @@ impl Trainer {
             adamw(0.0).build(),
             None,
         );
+        if config.max_steps == Some(0) {
+            return Err(Error::InvalidArgument("max_steps must be ≥ 1".into()));
+        }
         let state = TrainerState {
             seed: config.seed,
+            run: run_fingerprint(&config),
             ..TrainerState::default()
         };
         Ok(Self {
@@ -406,6 +415,12 @@ impl Trainer {
             return Err(Error::InvalidArgument("no training examples".into()));
         }
         let total = self.total_steps(data);
+        if self.state.step >= total {
+            return Err(Error::InvalidArgument(format!(
+                "nothing to train: the run is at step {} of {total}",
+                self.state.step
+            )));
+        }
         let stop = total.min(self.state.step.saturating_add(steps));
         self.events.publish(TrainingEvent::Started {
             total_steps: total,
@@ -510,8 +525,9 @@ impl Trainer {
     }
 
     /// One optimizer step on `batches` (their gradients averaged), outside a run: the
-    /// learning rate is the schedule's at the current step of a run of `max_steps` (or
-    /// this one step). Returns the mean loss and the gradient norm before clipping.
+    /// learning rate is the schedule's at the current step of a run of `max_steps` (without
+    /// it, the peak after warmup). Returns the mean loss and the gradient norm before
+    /// clipping.
     pub fn step_on(&mut self, batches: &[Batch]) -> Result<(f32, f32)> {
         let group: Vec<CountedBatch> = batches
             .iter()
@@ -520,7 +536,8 @@ impl Trainer {
                 batch: batch.clone(),
             })
             .collect();
-        let total = self.config.max_steps.unwrap_or(self.state.step + 1);
+        // Without max_steps there is no end to decay towards: the peak rate after warmup.
+        let total = self.config.max_steps.unwrap_or(usize::MAX);
         self.step(&group, total)
     }
 
@@ -600,7 +617,12 @@ impl Trainer {
             sum += f64::from(scalar(&loss)) * scored;
             count += scored;
         }
-        Ok((sum / count.max(1.0)) as f32)
+        if count == 0.0 {
+            return Err(Error::InvalidArgument(
+                "no validation token is scored".into(),
+            ));
+        }
+        Ok((sum / count) as f32)
     }
 
     /// Saves the run to `dir`: the trainable weights (`trainable.safetensors`, by module
@@ -659,10 +681,10 @@ impl Trainer {
         })?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if state.seed != self.config.seed {
+        if state.seed != self.config.seed || state.run != self.state.run {
             return Err(invalid(format!(
-                "saved with seed {}, resumed with seed {}",
-                state.seed, self.config.seed
+                "saved by a run with other settings (seed {}, {}); resumed with seed {}, {}",
+                state.seed, state.run, self.config.seed, self.state.run
             )));
         }
         let weights_path = dir.join("trainable.safetensors");
@@ -699,6 +721,25 @@ impl Trainer {
     }
 }
 
+/// What decides a run's steps besides the seed, for checking a resume.
+fn run_fingerprint(config: &TrainingConfig) -> String {
+    format!(
+        "{:?}, base {}, batch {} × {}, {} epochs, max steps {:?}, lr {} {:?} warmup {}, \
+         decay {}, clip {:?}",
+        config.strategy,
+        config.quantization,
+        config.batch_size,
+        config.gradient_accumulation,
+        config.epochs,
+        config.max_steps,
+        config.learning_rate,
+        config.schedule,
+        config.warmup_steps,
+        config.weight_decay,
+        config.max_grad_norm
+    )
+}
+
 /// A batch and its tokens before padding.
 struct CountedBatch {
     batch: Batch,
@@ -710,7 +751,7 @@ struct CountedBatch {
 /// optimizer state saved by one process finds its parameters in another.
 pub fn load_for_training(path: &Path, device: &Device, config: &TrainingConfig) -> Result<Model> {
     let device = match config.checkpointing {
-        Checkpointing::Balanced => device.clone().gradient_checkpointing(),
+        Checkpointing::Balanced => device.clone().autodiff().gradient_checkpointing(),
         _ => device.clone().autodiff(),
     };
     let options = match &config.strategy {
@@ -818,7 +859,9 @@ fn bytemuck_f32(values: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
-/// Sets which parameters require gradients and renumbers their ids in module order.
+/// Sets which parameters require gradients and numbers the trainable ones 1, 2, … in
+/// module order (frozen ones keep their ids): optimizer state is keyed by these ids, and
+/// numbering only what is trained keeps them independent of how the base is held.
 struct PrepareParams<F> {
     next_id: u64,
     train: F,
@@ -827,7 +870,11 @@ struct PrepareParams<F> {
 impl<F: Fn(&ParamId) -> bool> ModuleMapper for PrepareParams<F> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let train = (self.train)(&param.id);
-        let (_, value, mapper) = param.set_require_grad(train).consume();
+        let param = param.set_require_grad(train);
+        if !train {
+            return param;
+        }
+        let (_, value, mapper) = param.consume();
         let id = ParamId::from(self.next_id);
         self.next_id += 1;
         Param::from_mapped_value(id, value, mapper)

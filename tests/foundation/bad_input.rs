@@ -408,13 +408,21 @@ fn training_data_errors_name_the_line() {
         max_len: 3,
         ..DatasetOptions::default()
     };
-    let data = read(&format!("{good}\n{good}\n"), &short).expect("truncates");
+    let short_prompt = r#"{"prompt": "a", "completion": " sat on the mat, the cat sat"}"#;
+    let data = read(&format!("{short_prompt}\n{short_prompt}\n"), &short).expect("truncates");
     assert_eq!(data.truncated, 2);
     assert!(
         data.train
             .iter()
             .all(|e| e.ids.len() == 3 && e.labels.len() == 3)
     );
+    // A prompt that fills max_len leaves nothing to learn: the example is dropped.
+    let long_prompt =
+        r#"{"prompt": "the cat sat on the mat, the cat sat on the mat", "completion": " x"}"#;
+    let data = read(&format!("{short_prompt}\n{long_prompt}\n"), &short).expect("drops");
+    assert_eq!((data.train.len(), data.unscored), (1, 1));
+    let err = read(long_prompt, &short).unwrap_err();
+    assert!(err.to_string().contains("has a token to learn"), "{err}");
     let lines: String = (0..10)
         .map(|i| format!("{{\"prompt\": \"line {i}\", \"completion\": \" the cat\"}}\n"))
         .collect();

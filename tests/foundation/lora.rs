@@ -180,11 +180,20 @@ pub(crate) fn training_batch(reference: &Reference) -> (Vec<Vec<u32>>, Vec<Vec<i
 /// gradients pass back through the experts and the routing weights).
 #[test]
 fn lora_loss_and_gradients_match_peft() {
+    check_loss_and_gradients(&Device::flex().autodiff());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn lora_loss_and_gradients_match_peft_on_wgpu() {
+    check_loss_and_gradients(&wgpu().autodiff());
+}
+
+fn check_loss_and_gradients(device: &Device) {
     for (base, adapted_layers) in [("tiny-llama", 2 * 5), ("tiny-mixtral", 2 * 4)] {
-        let device = Device::flex().autodiff();
         let adapter = fixtures().join(format!("{base}-lora"));
         let reference = reference(&adapter.join("reference.safetensors"));
-        let model = with_adapter(base, &adapter, &device).expect("load with adapter");
+        let model = with_adapter(base, &adapter, device).expect("load with adapter");
         let (ids, labels) = training_batch(&reference);
         let loss = model.loss(&ids, &labels).expect("loss");
         let value = loss

@@ -67,7 +67,7 @@ fn config(strategy: TrainingStrategy, checkpointing: Checkpointing) -> TrainingC
 }
 
 /// Per-layer checkpointing recomputes each layer in backward: the loss and every gradient
-/// equal those of the plain backward, for full training (every weight, the embedding
+/// equal those of the plain backward (and burn's op-level checkpointing gives that loss), for full training (every weight, the embedding
 /// included) and for the PEFT fixture's adapter, whose gradients also match PEFT's.
 #[test]
 fn layer_checkpointing_gives_the_same_loss_and_gradients() {
@@ -81,6 +81,13 @@ fn layer_checkpointing_gives_the_same_loss_and_gradients() {
         };
         let (plain_loss, plain) = full(Checkpointing::Off);
         let (layered_loss, layered) = full(Checkpointing::Layers);
+        // burn's op-level strategy recomputes inside backward: the same numbers too.
+        let (balanced_loss, balanced) = full(Checkpointing::Balanced);
+        assert!((plain_loss - balanced_loss).abs() < 1e-6);
+        assert_eq!(
+            plain.keys().collect::<Vec<_>>(),
+            balanced.keys().collect::<Vec<_>>()
+        );
         eprintln!("{name}: {:?}", plain.keys().collect::<Vec<_>>());
         assert!(plain.len() > 20 && plain.contains_key("embed_tokens.weight"));
         assert_eq!(
@@ -142,6 +149,7 @@ fn tiny_dataset() -> Dataset {
         validation: examples,
         skipped_lines: 0,
         truncated: 0,
+        unscored: 0,
     }
 }
 
@@ -261,7 +269,20 @@ fn an_interrupted_run_resumes_where_it_stopped() {
     );
     assert!(diff < 1e-6, "resumed weights differ by {diff}");
 
-    // A checkpoint of another strategy does not fit.
+    // Other batching, or another strategy: the checkpoint does not fit.
+    let other_batching = TrainingConfig {
+        batch_size: 2,
+        gradient_accumulation: 1,
+        ..lora_config()
+    };
+    let err = Trainer::resume(&tiny, &checkpoint, &flex(), other_batching)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("other settings"), "{err}");
+    let mut finished = Trainer::resume(&tiny, &checkpoint, &flex(), lora_config()).unwrap();
+    finished.train(&data).unwrap();
+    let err = finished.train(&data).expect_err("nothing left");
+    assert!(err.to_string().contains("nothing to train"), "{err}");
     let full = config(TrainingStrategy::Full, Checkpointing::Off);
     let err = Trainer::resume(
         &tiny,
@@ -297,6 +318,11 @@ fn bad_training_settings_are_refused() {
     });
     assert!(msg.contains("batch size"), "{msg}");
     let msg = refused(TrainingConfig {
+        max_steps: Some(0),
+        ..TrainingConfig::default()
+    });
+    assert!(msg.contains("max_steps"), "{msg}");
+    let msg = refused(TrainingConfig {
         strategy: TrainingStrategy::Full,
         quantization: moera::engine::Quantization::Int8,
         ..TrainingConfig::default()
@@ -308,6 +334,7 @@ fn bad_training_settings_are_refused() {
         validation: vec![],
         skipped_lines: 0,
         truncated: 0,
+        unscored: 0,
     };
     let events = trainer.events().subscribe();
     let msg = trainer.train(&empty).expect_err("refused").to_string();
