@@ -628,12 +628,34 @@ impl Trainer {
     /// Saves the run to `dir`: the trainable weights (`trainable.safetensors`, by module
     /// path), the optimizer state (`optimizer.bpk`), `trainer_state.json`, and for LoRA the
     /// adapter in PEFT's format (`adapter/`).
+    ///
+    /// The files are written to `{dir}.partial` and the folder renamed into place, so an
+    /// interrupted save leaves the previous checkpoint of that name, not a torn one.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut partial = dir.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+        self.write_checkpoint(&partial)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&partial, dir).map_err(io(dir))
+    }
+
+    /// The files of a checkpoint, into the existing folder `dir`.
+    fn write_checkpoint(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
         let invalid = |reason: String| Error::Checkpoint {
             path: dir.to_path_buf(),
             reason,

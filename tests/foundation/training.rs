@@ -245,7 +245,11 @@ fn an_interrupted_run_resumes_where_it_stopped() {
     first.train_for(&data, 3).unwrap();
     assert_eq!(first.state().step, 3);
     let checkpoint = dir.path().join("checkpoint-3");
+    // A torn earlier save of the same name is replaced; saving twice keeps one folder.
+    std::fs::create_dir_all(dir.path().join("checkpoint-3.partial/junk")).unwrap();
     first.save_checkpoint(&checkpoint).unwrap();
+    first.save_checkpoint(&checkpoint).unwrap();
+    assert!(!dir.path().join("checkpoint-3.partial").exists());
     assert!(
         checkpoint
             .join("adapter/adapter_model.safetensors")
