@@ -333,14 +333,11 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give --prompt-ids or --prompt"),
             };
             let logits = model.logits(&ids)?;
-            let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![ids.len(), model.vocab_size()],
-                &bytes,
+            let shape = vec![ids.len(), model.vocab_size()];
+            moera::engine::safetensors_source::write_f32(
+                &args.out,
+                &[("logits".into(), shape, logits)],
             )?;
-            safetensors::serialize_to_file([("logits", view)], None, &args.out)
-                .with_context(|| format!("writing {}", args.out.display()))?;
             eprintln!(
                 "wrote logits [{}, {}] to {}",
                 ids.len(),

@@ -238,11 +238,15 @@ pub(crate) struct FreshLora {
 
 impl FreshLora {
     pub fn new(spec: &LoraSpec) -> Result<Self> {
-        if spec.r == 0 || spec.target_modules.is_empty() || !(0.0..1.0).contains(&spec.dropout) {
+        if spec.r == 0
+            || spec.target_modules.is_empty()
+            || !(0.0..1.0).contains(&spec.dropout)
+            || !spec.alpha.is_finite()
+        {
             return Err(Error::InvalidArgument(format!(
-                "a LoRA adapter needs r ≥ 1, a target module and dropout in [0, 1); got r = {}, \
-                 targets {:?}, dropout {}",
-                spec.r, spec.target_modules, spec.dropout
+                "a LoRA adapter needs r ≥ 1, a finite alpha, a target module and dropout in \
+                 [0, 1); got r = {}, alpha {}, targets {:?}, dropout {}",
+                spec.r, spec.alpha, spec.target_modules, spec.dropout
             )));
         }
         Ok(Self {
@@ -430,26 +434,14 @@ pub(crate) fn save(
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .map_err(|e| Error::InvalidArgument(format!("{e:?}")))?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             let key = format!("{KEY_PREFIX}{}.{factor}.weight", adapter.path);
-            tensors.push((key, shape, bytes));
+            tensors.push((key, shape, values));
         }
         if let Some(module) = adapter.path.rsplit('.').next() {
             targets.insert(module.to_string());
         }
     }
-    let views = tensors
-        .iter()
-        .map(|(key, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|view| (key.as_str(), view))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let weights_path = dir.join("adapter_model.safetensors");
-    let bytes =
-        safetensors::serialize(views, None).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    std::fs::write(&weights_path, bytes).map_err(io(&weights_path))?;
+    crate::safetensors_source::write_f32(&dir.join("adapter_model.safetensors"), &tensors)?;
     let json = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -30,6 +30,18 @@ pub struct TokenizedExample {
     pub labels: Vec<i64>,
 }
 
+impl TokenizedExample {
+    /// Tokens the loss scores: labelled positions after the first (position 0 is never
+    /// predicted).
+    pub fn learned_tokens(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORED_LABEL)
+            .count()
+    }
+}
+
 /// How a JSONL file becomes training and validation examples.
 #[derive(Debug, Clone)]
 pub struct DatasetOptions {
@@ -144,7 +156,7 @@ impl Dataset {
                 );
             }
             // Position 0 is never predicted: an example needs a learned token after it.
-            if !example.labels.iter().skip(1).any(|&l| l != IGNORED_LABEL) {
+            if example.learned_tokens() == 0 {
                 unscored += 1;
                 tracing::warn!(
                     "{}:{line}: no completion token to learn; skipped",

@@ -294,18 +294,12 @@ impl Model {
     /// transformers. A scalar tensor on the model's device: on an autodiff device,
     /// `backward()` gives the gradients of every trainable parameter.
     pub fn loss(&self, ids: &[Vec<u32>], labels: &[Vec<i64>]) -> Result<Tensor<1>> {
-        self.loss_with(&self.inner, ids, labels)
+        let targets = self.loss_targets(ids, labels)?;
+        Self::loss_on(&self.inner, &targets)
     }
 
-    /// [`Model::loss`] computed by `decoder` (this model's, or a copy of it, e.g. without
-    /// autodiff for evaluation).
-    pub(crate) fn loss_with(
-        &self,
-        decoder: &Decoder,
-        ids: &[Vec<u32>],
-        labels: &[Vec<i64>],
-    ) -> Result<Tensor<1>> {
-        let targets = self.loss_targets(ids, labels)?;
+    /// The loss of checked `targets` computed by `decoder`.
+    pub(crate) fn loss_on(decoder: &Decoder, targets: &LossTargets) -> Result<Tensor<1>> {
         let device = decoder.device();
         let tokens = token_tensor(&targets.tokens, targets.batch, &device);
         let mut cache = decoder.new_cache(targets.batch, targets.seq);

@@ -22,7 +22,6 @@
 //! # }
 //! ```
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -31,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use moera_models::nn::token_tensor;
 use moera_models::{CausalLm, Decoder};
 use rand::SeedableRng;
@@ -43,6 +42,8 @@ use crate::dataset::{Batch, Dataset, TokenizedExample, batches};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, LossTargets, Model};
 use crate::quantization::Quantization;
+use crate::safetensors_source::SafetensorsWeights;
+use moera_models::nn::checked_data;
 
 /// What a run trains.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,6 +297,16 @@ impl Trainer {
             return Err(Error::InvalidArgument(format!(
                 "learning rate {} must be positive",
                 config.learning_rate
+            )));
+        }
+        if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0)
+            || config
+                .max_grad_norm
+                .is_some_and(|max| !(max.is_finite() && max > 0.0))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "weight decay {} must be ≥ 0 and the gradient clip {:?} positive",
+                config.weight_decay, config.max_grad_norm
             )));
         }
         if !model.device().is_autodiff() {
@@ -562,10 +573,11 @@ impl Trainer {
         let count = group.len() as f32;
         let mut norm = GradNorm {
             grads: &grads,
-            squares: 0.0,
+            squares: None,
         };
         decoder.visit(&mut norm);
-        let grad_norm = (norm.squares.sqrt() as f32) / count;
+        let squares = norm.squares.as_ref().map_or(0.0, scalar);
+        let grad_norm = squares.sqrt() / count;
         let clip = match self.config.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
@@ -575,9 +587,12 @@ impl Trainer {
             factor: clip / count,
         });
         let rate = learning_rate(&self.config, self.state.step, total);
-        let mut optimizer = std::mem::replace(&mut self.optimizer, AdamWConfig::new().init());
-        self.map_decoder(|decoder| optimizer.step(rate, decoder, grads));
-        self.optimizer = optimizer;
+        let optimizer = &mut self.optimizer;
+        let model = self
+            .model
+            .take()
+            .expect("the trainer holds its model between calls");
+        self.model = Some(model.map_decoder(|decoder| optimizer.step(rate, decoder, grads)));
         let loss = loss_sum / count;
         self.state.step += 1;
         self.state.losses.push(loss);
@@ -602,20 +617,17 @@ impl Trainer {
     pub fn evaluate(&self, examples: &[TokenizedExample]) -> Result<f32> {
         let plain = self.model().decoder().valid();
         let pad = self.model().eos_ids().first().copied().unwrap_or(0);
+        let scored: Vec<TokenizedExample> = examples
+            .iter()
+            .filter(|e| e.learned_tokens() > 0)
+            .cloned()
+            .collect();
         let (mut sum, mut count) = (0.0, 0.0);
-        for batch in batches(examples, self.config.batch_size, pad) {
-            let scored = batch
-                .labels
-                .iter()
-                .flat_map(|row| &row[1..])
-                .filter(|&&l| l != crate::model::IGNORED_LABEL)
-                .count() as f64;
-            if scored == 0.0 {
-                continue;
-            }
-            let loss = self.model().loss_with(&plain, &batch.ids, &batch.labels)?;
-            sum += f64::from(scalar(&loss)) * scored;
-            count += scored;
+        for batch in batches(&scored, self.config.batch_size, pad) {
+            let targets = self.model().loss_targets(&batch.ids, &batch.labels)?;
+            let loss = Model::loss_on(&plain, &targets)?;
+            sum += f64::from(scalar(&loss)) * targets.scored as f64;
+            count += targets.scored as f64;
         }
         if count == 0.0 {
             return Err(Error::InvalidArgument(
@@ -662,22 +674,8 @@ impl Trainer {
         };
         let mut collect = CollectTrainable::default();
         self.model().decoder().visit(&mut collect);
-        let views = collect
-            .tensors
-            .iter()
-            .map(|(name, (shape, values))| {
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytemuck_f32(values),
-                )
-                .map(|view| (name.as_str(), view))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| invalid(e.to_string()))?;
-        let weights = safetensors::serialize(views, None).map_err(|e| invalid(e.to_string()))?;
         let weights_path = dir.join("trainable.safetensors");
-        std::fs::write(&weights_path, weights).map_err(io(&weights_path))?;
+        crate::safetensors_source::write_f32(&weights_path, &collect.tensors)?;
         self.optimizer
             .save(dir.join("optimizer.bpk"))
             .map_err(|e| invalid(format!("optimizer state: {e:?}")))?;
@@ -709,13 +707,7 @@ impl Trainer {
                 state.seed, state.run, self.config.seed, self.state.run
             )));
         }
-        let weights_path = dir.join("trainable.safetensors");
-        let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
-            path: weights_path.clone(),
-            source,
-        })?;
-        let file =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let file = SafetensorsWeights::open_files(&[dir.join("trainable.safetensors")])?;
         let mut restore = RestoreTrainable {
             file: &file,
             path: Vec::new(),
@@ -726,11 +718,11 @@ impl Trainer {
         if let Some(reason) = restore.error {
             return Err(invalid(reason));
         }
-        if restore.restored != file.len() {
+        let saved = file.names().count();
+        if restore.restored != saved {
             return Err(invalid(format!(
-                "{} saved tensors for {} trainable parameters of this model: another strategy \
-                 or base model?",
-                file.len(),
+                "{saved} saved tensors for {} trainable parameters of this model: another \
+                 strategy or base model?",
                 restore.restored
             )));
         }
@@ -876,11 +868,6 @@ fn scalar(tensor: &Tensor<1>) -> f32 {
         .map_or(f32::NAN, |v| v[0])
 }
 
-fn bytemuck_f32(values: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern of it is a valid u8 sequence.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
-}
-
 /// Sets which parameters require gradients and numbers the trainable ones 1, 2, … in
 /// module order (frozen ones keep their ids): optimizer state is keyed by these ids, and
 /// numbering only what is trained keeps them independent of how the base is held.
@@ -913,17 +900,20 @@ impl ModuleVisitor for TrainableCount {
     }
 }
 
-/// The sum of squares of the gradients in `grads`.
+/// The sum of squares of the gradients in `grads`, summed on the device (one read back).
 struct GradNorm<'a> {
     grads: &'a GradientsParams,
-    squares: f64,
+    squares: Option<Tensor<1>>,
 }
 
 impl ModuleVisitor for GradNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = self.grads.get::<D>(param.id) {
             let sum = grad.clone().mul(grad).sum();
-            self.squares += f64::from(scalar(&sum));
+            self.squares = Some(match self.squares.take() {
+                Some(total) => total + sum,
+                None => sum,
+            });
         }
     }
 }
@@ -946,7 +936,7 @@ impl ModuleVisitor for ScaleGrads<'_> {
 #[derive(Default)]
 struct CollectTrainable {
     path: Vec<String>,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
 }
 
 impl ModuleVisitor for CollectTrainable {
@@ -969,13 +959,13 @@ impl ModuleVisitor for CollectTrainable {
             .convert::<f32>()
             .try_into_vec::<f32>()
             .unwrap_or_default();
-        self.tensors.insert(self.path.join("."), (shape, values));
+        self.tensors.push((self.path.join("."), shape, values));
     }
 }
 
 /// Replaces trainable parameters by the values a checkpoint saved under their path.
 struct RestoreTrainable<'a> {
-    file: &'a safetensors::SafeTensors<'a>,
+    file: &'a SafetensorsWeights,
     path: Vec<String>,
     restored: usize,
     error: Option<String>,
@@ -995,32 +985,16 @@ impl ModuleMapper for RestoreTrainable<'_> {
             return param;
         }
         let name = self.path.join(".");
-        let view = match self.file.tensor(&name) {
-            Ok(view) => view,
-            Err(_) => {
-                self.error
-                    .get_or_insert(format!("no saved tensor for trainable parameter {name}"));
+        let data = checked_data(self.file, &name, &param.val().dims());
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
+                self.error.get_or_insert(e.to_string());
                 return param;
             }
         };
-        let dims = param.val().dims();
-        if view.shape() != dims || view.dtype() != safetensors::Dtype::F32 {
-            self.error.get_or_insert(format!(
-                "{name}: saved {:?} {:?}, the model has f32 {dims:?}",
-                view.dtype(),
-                view.shape()
-            ));
-            return param;
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
         self.restored += 1;
-        param.map(|value| {
-            Tensor::<D>::from_data(TensorData::new(values, dims), &value.device()).require_grad()
-        })
+        param.map(|value| Tensor::<D>::from_data(data, &value.device()).require_grad())
     }
 }
 

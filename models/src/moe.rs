@@ -850,10 +850,11 @@ impl Experts {
     /// The reference sparse dispatch: rows of `x` `[tokens, H]` grouped by chosen expert,
     /// each expert run once on its rows, results weighted and scatter-added per token.
     pub fn forward_sparse(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
-        let slots = routing.ids.len();
-        let weights = TensorData::new(routing.weights.clone(), [slots]);
-        let weights = Tensor::from_data(weights, &x.device());
-        self.forward_sparse_weighted(x, routing, weights)
+        let device = x.device();
+        self.dispatch_sorted(x, routing, |order| {
+            let weights = order.iter().map(|&slot| routing.weights[slot]).collect();
+            Tensor::from_data(TensorData::new(weights, [order.len()]), &device)
+        })
     }
 
     /// [`Experts::forward_sparse`] with the routing weights given as a tensor `[tokens ·
@@ -863,6 +864,23 @@ impl Experts {
         x: Tensor<2>,
         routing: &Routing,
         weights: Tensor<1>,
+    ) -> Tensor<2> {
+        let device = x.device();
+        self.dispatch_sorted(x, routing, |order| {
+            let order: Vec<i64> = order.iter().map(|&slot| slot as i64).collect();
+            let count = order.len();
+            let order = Tensor::<1, Int>::from_data(TensorData::new(order, [count]), &device);
+            weights.select(0, order)
+        })
+    }
+
+    /// The sparse dispatch, with `slot_weights(order)` giving the routing weight of each
+    /// slot in `order` (slots sorted by expert, then token) as a `[count]` tensor.
+    fn dispatch_sorted(
+        &self,
+        x: Tensor<2>,
+        routing: &Routing,
+        slot_weights: impl FnOnce(&[usize]) -> Tensor<1>,
     ) -> Tensor<2> {
         let [tokens, hidden] = x.dims();
         let device = x.device();
@@ -878,11 +896,8 @@ impl Experts {
         if count == 0 {
             return Tensor::zeros([tokens, hidden], &device);
         }
-        let index = |values: Vec<i64>| {
-            Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &device)
-        };
-        let order = index(slots.iter().map(|&(_, t, _)| t as i64).collect());
-        let slot_order = index(slots.iter().map(|&(_, _, s)| s as i64).collect());
+        let order: Vec<i64> = slots.iter().map(|&(_, t, _)| t as i64).collect();
+        let order = Tensor::<1, Int>::from_data(TensorData::new(order, [count]), &device);
         let rows = x.select(0, order.clone());
         let mut outputs = Vec::new();
         let mut start = 0;
@@ -894,7 +909,8 @@ impl Experts {
             );
             start = end;
         }
-        let weights = weights.select(0, slot_order).reshape([count, 1]);
+        let slot_order: Vec<usize> = slots.iter().map(|&(_, _, slot)| slot).collect();
+        let weights = slot_weights(&slot_order).reshape([count, 1]);
         let weighted = Tensor::cat(outputs, 0) * weights;
         Tensor::zeros([tokens, hidden], &device).select_assign(
             0,

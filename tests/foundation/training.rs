@@ -67,7 +67,7 @@ fn config(strategy: TrainingStrategy, checkpointing: Checkpointing) -> TrainingC
 }
 
 /// Per-layer checkpointing recomputes each layer in backward: the loss and every gradient
-/// equal those of the plain backward (and burn's op-level checkpointing gives that loss), for full training (every weight, the embedding
+/// equal those of the plain backward (and so does burn's op-level checkpointing), for full training (every weight, the embedding
 /// included) and for the PEFT fixture's adapter, whose gradients also match PEFT's.
 #[test]
 fn layer_checkpointing_gives_the_same_loss_and_gradients() {
@@ -88,7 +88,15 @@ fn layer_checkpointing_gives_the_same_loss_and_gradients() {
             plain.keys().collect::<Vec<_>>(),
             balanced.keys().collect::<Vec<_>>()
         );
-        eprintln!("{name}: {:?}", plain.keys().collect::<Vec<_>>());
+        for (param, grad) in &plain {
+            let other: Vec<f64> = balanced[param].iter().map(|&v| v as f64).collect();
+            let scale = grad.iter().fold(1e-6f32, |m, v| m.max(v.abs())) as f64;
+            let diff = max_abs_diff(grad, &other);
+            assert!(
+                diff / scale < 1e-5,
+                "{name} {param} (balanced): differs by {diff}"
+            );
+        }
         assert!(plain.len() > 20 && plain.contains_key("embed_tokens.weight"));
         assert_eq!(
             plain.keys().collect::<Vec<_>>(),
@@ -316,6 +324,13 @@ fn bad_training_settings_are_refused() {
     assert!(msg.contains("match no linear layer"), "{msg}");
     let msg = refused(lora(LoraSpec::new(0, 8.0)));
     assert!(msg.contains("r ≥ 1"), "{msg}");
+    let msg = refused(lora(LoraSpec::new(4, f64::NAN)));
+    assert!(msg.contains("finite alpha"), "{msg}");
+    let msg = refused(TrainingConfig {
+        max_grad_norm: Some(-1.0),
+        ..TrainingConfig::default()
+    });
+    assert!(msg.contains("gradient clip"), "{msg}");
     let msg = refused(TrainingConfig {
         batch_size: 0,
         ..TrainingConfig::default()
