@@ -31,7 +31,7 @@ mod linear;
 pub mod moe;
 pub mod quant;
 
-pub use linear::QuantLinear;
+pub use linear::{LoraUpdate, QuantLinear};
 pub use quant::{QuantFormat, QuantizedMatrix};
 
 /// Errors from preparing kernel inputs.
@@ -127,4 +127,14 @@ fn executor(device: &burn::tensor::Device) -> Executor {
     // Every other backend is a CPU one: our rayon kernels read its tensors as host data.
     let _ = device;
     Executor::Cpu
+}
+
+/// [`executor`] for an operation with a differentiable kernel: on an autodiff device over a
+/// cube runtime it runs that kernel too.
+fn differentiable_executor(device: &burn::tensor::Device) -> Executor {
+    match executor(device) {
+        #[cfg(feature = "cube")]
+        Executor::Cpu if cube::is_autodiff_cube(device) => Executor::Cube,
+        other => other,
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::quant::{QuantFormat, QuantizedMatrix};
-use crate::{Executor, executor};
+use crate::{Executor, differentiable_executor};
 
 /// From this many tokens the CPU path multiplies a transiently dequantized matrix.
 const CPU_GEMM_MIN_TOKENS: usize = 16;
@@ -101,11 +101,41 @@ impl QuantLinear {
 
     /// `x` `[..., in]` → `[..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_with_lora(x, None)
+    }
+
+    /// `x` `[..., in]` → `[..., out]`, plus a LoRA update when given. On cube devices the
+    /// update is fused into the dequant-matmul kernel, forward and (on an autodiff device)
+    /// backward; elsewhere it is added with burn ops.
+    pub fn forward_with_lora<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        lora: Option<LoraUpdate<D>>,
+    ) -> Tensor<D> {
         let dims = x.dims();
         let (rows, cols) = (self.inner.rows, self.inner.cols);
         assert_eq!(dims[D - 1], cols, "QuantLinear input width");
         let tokens = dims[..D - 1].iter().product::<usize>();
-        let y = self.forward_rows(x.reshape([tokens, cols]), 0..rows);
+        let x = x.reshape([tokens, cols]);
+        let lora = lora.map(|update| update.flatten(tokens));
+        let y = match differentiable_executor(&x.device()) {
+            #[cfg(feature = "cube")]
+            Executor::Cube => crate::cube::quant_linear(
+                x,
+                lora,
+                self.device_weights(),
+                self.inner.bits,
+                self.inner.group,
+                self.inner.format.has_offsets(),
+            ),
+            _ => {
+                let y = self.forward_rows(x, 0..rows);
+                match lora {
+                    Some(update) => y + update.apply(),
+                    None => y,
+                }
+            }
+        };
         let mut out = dims;
         out[D - 1] = rows;
         y.reshape(out)
@@ -117,7 +147,7 @@ impl QuantLinear {
         let [tokens, cols] = x.dims();
         assert_eq!(cols, self.inner.cols, "QuantLinear input width");
         assert!(rows.end <= self.inner.rows, "QuantLinear rows {rows:?}");
-        match executor(&x.device()) {
+        match differentiable_executor(&x.device()) {
             Executor::Reference => self.reference_rows(x, rows),
             Executor::Cpu => match &self.inner.host {
                 // Prefill: decoding each group once per token loses to a blocked f32 GEMM, so
@@ -140,8 +170,9 @@ impl QuantLinear {
                 None => self.reference_rows(x, rows),
             },
             #[cfg(feature = "cube")]
-            Executor::Cube if rows == (0..self.inner.rows) => crate::cube::quant_matmul(
+            Executor::Cube if rows == (0..self.inner.rows) => crate::cube::quant_linear(
                 x,
+                None,
                 self.device_weights(),
                 self.inner.bits,
                 self.inner.group,
@@ -221,6 +252,35 @@ impl QuantLinear {
     }
 }
 
+/// A LoRA update `scale · (input·a)·b` to add to a linear layer's output: `input` is the
+/// layer's input (after dropout while training), `a` `[in, r]`, `b` `[r, out]`.
+#[derive(Debug, Clone)]
+pub struct LoraUpdate<const D: usize> {
+    pub input: Tensor<D>,
+    pub a: Tensor<2>,
+    pub b: Tensor<2>,
+    pub scale: f32,
+}
+
+impl<const D: usize> LoraUpdate<D> {
+    /// The update computed with burn ops (the reference of the fused kernels).
+    pub fn apply(self) -> Tensor<D> {
+        let down = burn::tensor::module::linear(self.input, self.a, None);
+        burn::tensor::module::linear(down, self.b, None).mul_scalar(self.scale)
+    }
+
+    /// The same update on the input's `tokens` rows as a matrix.
+    fn flatten(self, tokens: usize) -> LoraUpdate<2> {
+        let width = self.input.dims()[D - 1];
+        LoraUpdate {
+            input: self.input.reshape([tokens, width]),
+            a: self.a,
+            b: self.b,
+            scale: self.scale,
+        }
+    }
+}
+
 fn upload(matrix: &QuantizedMatrix, device: &Device) -> DeviceWeights {
     let words: Vec<i32> = matrix.codes.iter().map(|&w| w as i32).collect();
     let groups = matrix.groups_per_row();
@@ -243,7 +303,7 @@ fn upload(matrix: &QuantizedMatrix, device: &Device) -> DeviceWeights {
 fn is_gpu(device: &Device) -> bool {
     #[cfg(feature = "cube")]
     {
-        crate::cube::is_cube(device)
+        crate::cube::is_cube(device) || crate::cube::is_autodiff_cube(device)
     }
     #[cfg(not(feature = "cube"))]
     {

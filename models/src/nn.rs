@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use moera_kernels::QuantLinear;
+use moera_kernels::{LoraUpdate, QuantLinear};
 
 use crate::{LinearWeight, ModelError, WeightSource};
 
@@ -149,12 +149,22 @@ impl LoraAdapter {
     /// `scale · (dropout(x)·A)·B`; dropout only while [`lora_dropout`] is on (training),
     /// as PEFT drops only in training mode.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let x = match lora_dropout_mask(x.shape(), self.dropout, &x.device()) {
+        self.update(x).apply()
+    }
+
+    /// The update's operands for input `x`, dropout applied: for a quantized layer's fused
+    /// kernel, or [`LoraUpdate::apply`].
+    pub fn update<const D: usize>(&self, x: Tensor<D>) -> LoraUpdate<D> {
+        let input = match lora_dropout_mask(x.shape(), self.dropout, &x.device()) {
             Some(mask) => x * mask,
             None => x,
         };
-        let down = burn::tensor::module::linear(x, self.a.val(), None);
-        burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
+        LoraUpdate {
+            input,
+            a: self.a.val(),
+            b: self.b.val(),
+            scale: self.scale,
+        }
     }
 }
 
@@ -270,21 +280,24 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
-        let lora = self.lora.as_ref().map(|adapter| adapter.forward(x.clone()));
-        let y = match (&self.weight, &self.quantized) {
-            (Some(weight), _) => burn::tensor::module::linear(x, weight.val(), bias),
+        let lora = self.lora.as_ref().map(|adapter| adapter.update(x.clone()));
+        match (&self.weight, &self.quantized) {
+            (Some(weight), _) => {
+                let y = burn::tensor::module::linear(x, weight.val(), bias);
+                match lora {
+                    Some(update) => y + update.apply(),
+                    None => y,
+                }
+            }
+            // The quantized kernels take the adapter's update into the same pass.
             (None, Some(quantized)) => {
-                let y = quantized.forward(x);
+                let y = quantized.forward_with_lora(x, lora);
                 match bias {
                     Some(b) => y + b.unsqueeze(),
                     None => y,
                 }
             }
             (None, None) => unreachable!("a linear layer has a dense or a quantized weight"),
-        };
-        match lora {
-            Some(update) => y + update,
-            None => y,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::tensor::Tensor;
 use moera::engine::{Device, Error, LoadOptions, Model};
 
 use crate::common::*;
@@ -194,41 +195,102 @@ fn check_loss_and_gradients(device: &Device) {
         let adapter = fixtures().join(format!("{base}-lora"));
         let reference = reference(&adapter.join("reference.safetensors"));
         let model = with_adapter(base, &adapter, device).expect("load with adapter");
-        let (ids, labels) = training_batch(&reference);
-        let loss = model.loss(&ids, &labels).expect("loss");
-        let value = loss
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap()[0];
+        let (loss, grads) = loss_and_lora_gradients(&model, &reference);
         let expected = reference["loss"].1[0];
         assert!(
-            (value as f64 - expected).abs() < 1e-5,
-            "{base}: loss {value}, PEFT {expected}"
+            (loss as f64 - expected).abs() < 1e-5,
+            "{base}: loss {loss}, PEFT {expected}"
         );
-        let grads = loss.backward();
-        let adapters = model.causal_lm().lora_adapters();
-        assert_eq!(adapters.len(), adapted_layers, "{base}: adapted layers");
-        for adapter in adapters {
-            for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
-                let key = format!("grad.base_model.model.{}.{factor}.weight", adapter.path);
-                let (shape, expected) = &reference[&key];
-                // moera holds the factors transposed (`[in, r]`, `[r, out]`).
-                let grad = param.val().grad(&grads).expect("a gradient").transpose();
-                assert_eq!(grad.dims().to_vec(), *shape, "{key}");
-                let grad = grad
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap();
-                let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-                let diff = max_abs_diff(&grad, expected);
-                assert!(
-                    diff / scale < 1e-4,
-                    "{base} {key}: gradient differs by {diff} (scale {scale})"
-                );
-            }
+        assert_eq!(grads.len(), 2 * adapted_layers, "{base}: adapted layers");
+        for (key, grad) in grads {
+            let (shape, expected) = &reference[&key];
+            assert_eq!(grad.dims().to_vec(), *shape, "{key}");
+            let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&values(grad), expected);
+            assert!(
+                diff / scale < 1e-4,
+                "{base} {key}: gradient differs by {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
+/// The loss on the fixture's batch and each LoRA factor's gradient, keyed and shaped as
+/// PEFT's (`grad.base_model.model.{path}.lora_A.weight`, `[r, in]` / `[out, r]`).
+fn loss_and_lora_gradients(
+    model: &Model,
+    reference: &Reference,
+) -> (f32, Vec<(String, Tensor<2>)>) {
+    let (ids, labels) = training_batch(reference);
+    let loss = model.loss(&ids, &labels).expect("loss");
+    let value = values(loss.clone().reshape([1, 1]))[0];
+    let grads = loss.backward();
+    let mut out = Vec::new();
+    for adapter in model.causal_lm().lora_adapters() {
+        for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
+            let key = format!("grad.base_model.model.{}.{factor}.weight", adapter.path);
+            // moera holds the factors transposed (`[in, r]`, `[r, out]`).
+            let grad = param.val().grad(&grads).expect("a gradient").transpose();
+            out.push((key, grad));
+        }
+    }
+    (value, out)
+}
+
+fn values(tensor: Tensor<2>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+/// QLoRA on wgpu: over an int8 or int4 base the fused dequant-matmul kernels (the adapter's
+/// update in their epilogue, forward and backward) give the loss and LoRA gradients of the
+/// CPU path (weights dequantized on the host, burn's autodiff) for the same quantized model.
+/// The loss stays near PEFT's over the f32 base.
+#[cfg(feature = "wgpu")]
+#[test]
+fn lora_over_a_quantized_base_matches_on_wgpu_and_flex() {
+    use moera::engine::Quantization;
+
+    let adapter = fixtures().join("tiny-llama-lora");
+    let reference = reference(&adapter.join("reference.safetensors"));
+    // How far quantizing the tiny model's random weights may move the loss from PEFT's.
+    for (quantization, loss_tolerance) in [(Quantization::Int8, 0.05), (Quantization::Int4, 0.2)] {
+        let load = |device: &Device| {
+            let options = LoadOptions {
+                quantization,
+                adapter: Some(adapter.clone()),
+                ..Default::default()
+            };
+            let model =
+                Model::load_with(fixtures().join("tiny-llama"), device, options, &mut |_| {});
+            model.expect("load quantized with adapter")
+        };
+        let (cpu_loss, cpu_grads) = loss_and_lora_gradients(&load(&flex().autodiff()), &reference);
+        let (gpu_loss, gpu_grads) = loss_and_lora_gradients(&load(&wgpu().autodiff()), &reference);
+        let peft = reference["loss"].1[0];
+        assert!(
+            (cpu_loss as f64 - peft).abs() < loss_tolerance,
+            "{quantization:?}: loss {cpu_loss} far from PEFT's {peft} over f32"
+        );
+        assert!(
+            (gpu_loss - cpu_loss).abs() < 1e-5,
+            "{quantization:?}: loss {gpu_loss} on wgpu, {cpu_loss} on flex"
+        );
+        assert_eq!(gpu_grads.len(), 20);
+        for ((key, gpu), (_, cpu)) in gpu_grads.into_iter().zip(cpu_grads) {
+            let cpu = values(cpu);
+            let scale = cpu.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(
+                &values(gpu),
+                &cpu.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            );
+            assert!(
+                diff / (scale as f64) < 1e-4,
+                "{quantization:?} {key}: wgpu and flex differ by {diff} (scale {scale})"
+            );
         }
     }
 }

@@ -2,6 +2,8 @@
 //! and the quantized formats against the `gguf` Python package's dequantization.
 
 #[cfg(feature = "wgpu")]
+mod lora;
+#[cfg(feature = "wgpu")]
 mod moe;
 mod quant;
 

@@ -68,7 +68,7 @@ fn gguf_blocks_dequantize_exactly_on_wgpu() {
 }
 
 /// Every format over shapes that are not multiples of the kernels' tiles.
-fn sweep() -> Vec<QuantizedMatrix> {
+pub fn sweep() -> Vec<QuantizedMatrix> {
     let mut out = Vec::new();
     for (rows, cols) in [(7, 64), (33, 96), (40, 256)] {
         let weights = pseudo_random((rows * cols) as u64, rows * cols);

@@ -9,28 +9,62 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 pub mod moe;
+mod qlinear;
 mod qmatmul;
 
-use crate::linear::DeviceWeights;
+pub use qlinear::quant_linear;
 
 /// Whether `device` runs on a cubecl runtime (wgpu, cuda).
 pub fn is_cube(device: &Device) -> bool {
     matches!(device.as_dispatch(), DispatchDevice::Cube(_))
 }
 
+/// Whether `device` is an autodiff device over a cubecl runtime: only the differentiable
+/// kernels ([`quant_linear`]) run there; the others take the CPU backends' path.
+pub fn is_autodiff_cube(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Cube(_)),
+        _ => false,
+    }
+}
+
 /// The operations moera implements as cubecl kernels.
 #[backend_extension(Cube)]
 pub trait KernelOps: burn::backend::Backend {
     /// `x` `[m, k]` times the transposed quantized `[n, k]` matrix given by its packed
-    /// `codes`, `scales` `[n, k / group]` and `offsets` (same shape).
+    /// `codes`, `scales` `[n, k / group]` and `offsets` (same shape); with `has_lora`, plus
+    /// `lora_scale · down · up` (`down` `[m, r]`, `up` `[r, n]`; otherwise not read).
+    #[allow(clippy::too_many_arguments)]
     fn quant_matmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
         scales: FloatTensor<Self>,
         offsets: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        lora_scale: f32,
         bits: u32,
         group: usize,
         has_offsets: bool,
+        has_lora: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `dy` `[m, n]` times the quantized `[n, k]` matrix (the input gradient of
+    /// [`quant_matmul`](KernelOps::quant_matmul)); with `has_lora`, plus
+    /// `lora_scale · down · up` (`down` `[m, r]`, `up` `[r, k]`).
+    #[allow(clippy::too_many_arguments)]
+    fn quant_matmul_t(
+        dy: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        offsets: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        lora_scale: f32,
+        bits: u32,
+        group: usize,
+        has_offsets: bool,
+        has_lora: bool,
     ) -> FloatTensor<Self>;
 
     /// Routes each row of `logits` `[tokens, experts]`: ids `[tokens, top_k]` (u32 in i32
@@ -109,59 +143,127 @@ impl ExpertWeights<Dispatch> {
 /// above it, the tiled GEMM (prefill).
 const GEMV_MAX_TOKENS: usize = 4;
 
-impl KernelOps for Cube {
-    fn quant_matmul(
-        x: CubeTensor,
+/// A quantized matrix's buffers, checked for the dequant-matmul kernels.
+struct QuantArgs {
+    codes: CubeTensor,
+    scales: CubeTensor,
+    offsets: CubeTensor,
+    group: u32,
+}
+
+impl QuantArgs {
+    fn new(
         codes: CubeTensor,
         scales: CubeTensor,
         offsets: CubeTensor,
         bits: u32,
         group: usize,
         has_offsets: bool,
+    ) -> Self {
+        assert!(
+            matches!(codes.dtype, DType::I32 | DType::U32),
+            "quantized codes must be 32-bit words, found {:?}",
+            codes.dtype
+        );
+        // The kernels read a word's codes with one scale: groups hold whole words.
+        assert_eq!(group % (32 / bits as usize), 0, "group of whole code words");
+        Self {
+            codes,
+            scales: into_contiguous(scales),
+            offsets: if has_offsets {
+                into_contiguous(offsets)
+            } else {
+                offsets
+            },
+            group: group as u32,
+        }
+    }
+}
+
+/// The LoRA epilogue's operands: `down` `[m, r]` and `up` `[r, cols]`, read only when
+/// `has_lora` (otherwise whatever buffers were passed stand in, unread).
+struct LoraArgs {
+    down: CubeTensor,
+    up: CubeTensor,
+    rank: u32,
+    scale: f32,
+}
+
+impl LoraArgs {
+    fn new(down: CubeTensor, up: CubeTensor, scale: f32, has_lora: bool, cols: usize) -> Self {
+        if !has_lora {
+            return Self {
+                down,
+                up,
+                rank: 0,
+                scale: 0.0,
+            };
+        }
+        assert_eq!(down.dtype, DType::F32, "LoRA operands are f32");
+        let rank = up.meta.shape()[0];
+        assert_eq!(up.meta.shape()[1], cols, "LoRA up-projection width");
+        assert_eq!(down.meta.shape()[1], rank, "LoRA rank");
+        Self {
+            down: into_contiguous(down),
+            up: into_contiguous(up),
+            rank: rank as u32,
+            scale,
+        }
+    }
+}
+
+impl KernelOps for Cube {
+    fn quant_matmul(
+        x: CubeTensor,
+        codes: CubeTensor,
+        scales: CubeTensor,
+        offsets: CubeTensor,
+        down: CubeTensor,
+        up: CubeTensor,
+        lora_scale: f32,
+        bits: u32,
+        group: usize,
+        has_offsets: bool,
+        has_lora: bool,
     ) -> CubeTensor {
         assert_eq!(
             x.dtype,
             DType::F32,
             "quantized matmul takes f32 activations"
         );
-        assert!(
-            matches!(codes.dtype, DType::I32 | DType::U32),
-            "quantized codes must be 32-bit words, found {:?}",
-            codes.dtype
-        );
         let x = into_contiguous(x);
         let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
         let n = scales.meta.shape()[0];
+        let weights = QuantArgs::new(codes, scales, offsets, bits, group, has_offsets);
+        let lora = LoraArgs::new(down, up, lora_scale, has_lora, n);
         let out = empty_device::<f32>(x.client.clone(), x.device.clone(), [m, n].into());
         let client = x.client.clone();
-        let per_word = 32 / bits as usize;
-        let dims = qmatmul::Dims {
-            m: m as u32,
-            n: n as u32,
-            k: k as u32,
-            group: group as u32,
-        };
+        let dims = (m as u32, n as u32, k as u32);
         if m <= GEMV_MAX_TOKENS || k % qmatmul::TILE_K as usize != 0 {
             let rows_per_cube = qmatmul::GEMV_ROWS as usize;
             let count = CubeCount::Static(n.div_ceil(rows_per_cube) as u32, m as u32, 1);
             let dim = CubeDim::new_2d(qmatmul::GEMV_LANES, qmatmul::GEMV_ROWS);
-            debug_assert_eq!(k % per_word, 0);
             unsafe {
                 qmatmul::qgemv_kernel::launch_unchecked(
                     &client,
                     count,
                     dim,
                     x.into_buffer_arg(),
-                    codes.into_buffer_arg(),
-                    scales.into_buffer_arg(),
-                    offsets.into_buffer_arg(),
+                    weights.codes.into_buffer_arg(),
+                    weights.scales.into_buffer_arg(),
+                    weights.offsets.into_buffer_arg(),
+                    lora.down.into_buffer_arg(),
+                    lora.up.into_buffer_arg(),
                     out.clone().into_buffer_arg(),
-                    dims.m,
-                    dims.n,
-                    dims.k,
-                    dims.group,
+                    dims.0,
+                    dims.1,
+                    dims.2,
+                    weights.group,
+                    lora.rank,
+                    lora.scale,
                     bits,
                     has_offsets,
+                    has_lora,
                 );
             }
         } else {
@@ -174,18 +276,72 @@ impl KernelOps for Cube {
                     count,
                     dim,
                     x.into_buffer_arg(),
-                    codes.into_buffer_arg(),
-                    scales.into_buffer_arg(),
-                    offsets.into_buffer_arg(),
+                    weights.codes.into_buffer_arg(),
+                    weights.scales.into_buffer_arg(),
+                    weights.offsets.into_buffer_arg(),
+                    lora.down.into_buffer_arg(),
+                    lora.up.into_buffer_arg(),
                     out.clone().into_buffer_arg(),
-                    dims.m,
-                    dims.n,
-                    dims.k,
-                    dims.group,
+                    dims.0,
+                    dims.1,
+                    dims.2,
+                    weights.group,
+                    lora.rank,
+                    lora.scale,
                     bits,
                     has_offsets,
+                    has_lora,
                 );
             }
+        }
+        out
+    }
+
+    fn quant_matmul_t(
+        dy: CubeTensor,
+        codes: CubeTensor,
+        scales: CubeTensor,
+        offsets: CubeTensor,
+        down: CubeTensor,
+        up: CubeTensor,
+        lora_scale: f32,
+        bits: u32,
+        group: usize,
+        has_offsets: bool,
+        has_lora: bool,
+    ) -> CubeTensor {
+        let dy = into_contiguous(dy);
+        let (m, n) = (dy.meta.shape()[0], dy.meta.shape()[1]);
+        let k = codes.meta.shape()[0] / n * (32 / bits as usize);
+        let weights = QuantArgs::new(codes, scales, offsets, bits, group, has_offsets);
+        let lora = LoraArgs::new(down, up, lora_scale, has_lora, k);
+        let out = empty_device::<f32>(dy.client.clone(), dy.device.clone(), [m, k].into());
+        let client = dy.client.clone();
+        let tile = qmatmul::TILE as usize;
+        let count = CubeCount::Static(k.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1);
+        let dim = CubeDim::new_2d(qmatmul::THREADS_SIDE, qmatmul::THREADS_SIDE);
+        unsafe {
+            qmatmul::qgemm_t_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                dy.into_buffer_arg(),
+                weights.codes.into_buffer_arg(),
+                weights.scales.into_buffer_arg(),
+                weights.offsets.into_buffer_arg(),
+                lora.down.into_buffer_arg(),
+                lora.up.into_buffer_arg(),
+                out.clone().into_buffer_arg(),
+                m as u32,
+                n as u32,
+                k as u32,
+                weights.group,
+                lora.rank,
+                lora.scale,
+                bits,
+                has_offsets,
+                has_lora,
+            );
         }
         out
     }
@@ -555,26 +711,6 @@ impl ExpertWeights<Cube> {
             },
         }
     }
-}
-
-/// [`KernelOps::quant_matmul`] on burn tensors.
-pub fn quant_matmul(
-    x: Tensor<2>,
-    weights: &DeviceWeights,
-    bits: u32,
-    group: usize,
-    has_offsets: bool,
-) -> Tensor<2> {
-    let out = <Dispatch as KernelOps>::quant_matmul(
-        x.into_dispatch(),
-        weights.codes.clone().into_dispatch(),
-        weights.scales.clone().into_dispatch(),
-        weights.offsets.clone().into_dispatch(),
-        bits,
-        group,
-        has_offsets,
-    );
-    Tensor::from_dispatch(out)
 }
 
 /// [`KernelOps::moe_route`] on burn tensors.
