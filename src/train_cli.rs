@@ -65,6 +65,11 @@ pub struct TrainArgs {
         default_value = "q_proj,k_proj,v_proj,o_proj"
     )]
     targets: Vec<String>,
+    /// LoRA target parameters (comma-separated, as PEFT's target_parameters): MoE experts'
+    /// stacked weights and routers, e.g.
+    /// mlp.experts.gate_up_proj,mlp.experts.down_proj,mlp.gate.weight.
+    #[arg(long, value_delimiter = ',')]
+    target_parameters: Vec<String>,
     /// Scale LoRA by alpha/√r (rsLoRA).
     #[arg(long)]
     rslora: bool,
@@ -124,6 +129,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             alpha: args.alpha,
             dropout: args.dropout,
             target_modules: args.targets.clone(),
+            target_parameters: args.target_parameters.clone(),
             use_rslora: args.rslora,
             seed: args.seed,
         }),

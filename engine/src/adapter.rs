@@ -27,6 +27,10 @@ pub struct AdapterConfig {
     /// A list of module names, or one regular expression over module paths.
     #[serde(default)]
     pub target_modules: Option<serde_json::Value>,
+    /// Adapted parameters (MoE experts' stacked weights, routers' weights), matched
+    /// against the end of a parameter path: `mlp.experts.gate_up_proj`.
+    #[serde(default)]
+    pub target_parameters: Option<Vec<String>>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
@@ -48,6 +52,52 @@ impl AdapterConfig {
         let divisor = if self.use_rslora { r.sqrt() } else { r };
         (self.lora_alpha / divisor) as f32
     }
+}
+
+/// Whether `targets` (PEFT's `target_parameters`) name the parameter at `path`: equal, or
+/// a suffix after a dot.
+fn targets_parameter(targets: &[String], path: &str) -> bool {
+    targets
+        .iter()
+        .any(|target| path == target || path.ends_with(&format!(".{target}")))
+}
+
+/// `target` with its layer prefix (`model.layers.3.`) dropped, as PEFT's configs list
+/// parameters: `mlp.experts.gate_up_proj`.
+fn parameter_target(path: &str) -> &str {
+    let mut parts = path.splitn(4, '.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some("layers"), Some(index), Some(rest)) if index.parse::<usize>().is_ok() => {
+            rest
+        }
+        _ => path,
+    }
+}
+
+/// Folds LoRA factors in PEFT's layout into the linear weight `values` `[out, in]`:
+/// `W[o, i] += s · Σ_r B[o, r] · A[r, i]`.
+fn fold_lora(
+    name: &str,
+    values: &mut [f32],
+    factors: &LoraWeights,
+    [out_features, in_features]: [usize; 2],
+) -> std::result::Result<(), ModelError> {
+    use moera_models::nn::check_shape;
+    let rank = factors.a.shape().first().copied().unwrap_or(0);
+    check_shape(&format!("{name} lora_A"), &factors.a, &[rank, in_features])?;
+    check_shape(&format!("{name} lora_B"), &factors.b, &[out_features, rank])?;
+    let f32s = |data: &TensorData| moera_models::nn::f32_values(data.clone(), name);
+    let (a, b) = (f32s(&factors.a)?, f32s(&factors.b)?);
+    for (o, row) in values.chunks_exact_mut(in_features).enumerate() {
+        for r in 0..rank {
+            let coefficient = factors.scale * b[o * rank + r];
+            let a_row = &a[r * in_features..(r + 1) * in_features];
+            row.iter_mut()
+                .zip(a_row)
+                .for_each(|(w, &x)| *w += coefficient * x);
+        }
+    }
+    Ok(())
 }
 
 /// A PEFT LoRA adapter read from its folder.
@@ -130,6 +180,25 @@ impl PeftAdapter {
         Ok(Some(weights))
     }
 
+    /// The factors for the parameter `{module}.{parameter}` (see
+    /// [`WeightSource::parameter_lora`]), if the adapter targets it and has them.
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+    ) -> std::result::Result<Option<(String, LoraWeights)>, ModelError> {
+        let targets = self.config.target_parameters.as_deref().unwrap_or_default();
+        let key_path =
+            moera_models::nn::peft_parameter_key_path(module, parameter, declared, |p| {
+                targets_parameter(targets, p)
+            });
+        match key_path {
+            Some(key_path) => Ok(self.lora(&key_path)?.map(|weights| (key_path, weights))),
+            None => Ok(None),
+        }
+    }
+
     /// Fails when some of the adapter's tensors were not asked for by the model: the
     /// adapter was trained on another base model (or targets modules moera does not adapt).
     pub fn check_all_used(&self) -> Result<()> {
@@ -173,6 +242,11 @@ pub struct LoraSpec {
     /// Module names (`q_proj`, `down_proj`, …), matched as PEFT does against the end of a
     /// module path, or `all-linear` for every linear layer but the head.
     pub target_modules: Vec<String>,
+    /// Parameters, as PEFT's `target_parameters`: MoE experts' stacked weights
+    /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) and routers' weights
+    /// (`mlp.gate.weight`), matched against the end of a parameter path. They take no
+    /// dropout.
+    pub target_parameters: Vec<String>,
     /// Scale by `alpha / √r` instead of `alpha / r`.
     pub use_rslora: bool,
     /// Seed of the `lora_A` initialization.
@@ -190,6 +264,7 @@ impl LoraSpec {
             target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
                 .map(String::from)
                 .into(),
+            target_parameters: Vec::new(),
             use_rslora: false,
             seed: 0,
         }
@@ -198,6 +273,15 @@ impl LoraSpec {
     /// The same spec adapting `modules` instead.
     pub fn targets<S: Into<String>>(mut self, modules: impl IntoIterator<Item = S>) -> Self {
         self.target_modules = modules.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The same spec also adapting `parameters` (see [`LoraSpec::target_parameters`]).
+    pub fn target_parameters<S: Into<String>>(
+        mut self,
+        parameters: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.target_parameters = parameters.into_iter().map(Into::into).collect();
         self
     }
 
@@ -222,6 +306,7 @@ impl LoraSpec {
             use_rslora: self.use_rslora,
             use_dora: false,
             target_modules: Some(self.target_modules.clone().into()),
+            target_parameters: Some(self.target_parameters.clone()),
             base_model_name_or_path: base_model,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
@@ -239,14 +324,20 @@ pub(crate) struct FreshLora {
 impl FreshLora {
     pub fn new(spec: &LoraSpec) -> Result<Self> {
         if spec.r == 0
-            || spec.target_modules.is_empty()
+            || (spec.target_modules.is_empty() && spec.target_parameters.is_empty())
             || !(0.0..1.0).contains(&spec.dropout)
             || !spec.alpha.is_finite()
         {
             return Err(Error::InvalidArgument(format!(
-                "a LoRA adapter needs r ≥ 1, a finite alpha, a target module and dropout in \
-                 [0, 1); got r = {}, alpha {}, targets {:?}, dropout {}",
-                spec.r, spec.alpha, spec.target_modules, spec.dropout
+                "a LoRA adapter needs r ≥ 1, a finite alpha, a target module or parameter and \
+                 dropout in [0, 1); got r = {}, alpha {}, targets {:?} and {:?}, dropout {}",
+                spec.r, spec.alpha, spec.target_modules, spec.target_parameters, spec.dropout
+            )));
+        }
+        if !spec.target_parameters.is_empty() && spec.dropout > 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA on parameters ({:?}) takes no dropout (as PEFT's): set dropout to 0",
+                spec.target_parameters
             )));
         }
         Ok(Self {
@@ -256,26 +347,55 @@ impl FreshLora {
     }
 
     fn lora(&self, prefix: &str, in_features: usize, out_features: usize) -> Option<LoraWeights> {
-        use rand::SeedableRng;
         if !self.spec.targets_module(prefix) {
             return None;
         }
+        Some(self.init(prefix, self.spec.r, [out_features, in_features]))
+    }
+
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+        [experts, out_features, in_features]: [usize; 3],
+    ) -> Option<(String, LoraWeights)> {
+        let targets = &self.spec.target_parameters;
+        let key_path =
+            moera_models::nn::peft_parameter_key_path(module, parameter, declared, |p| {
+                targets_parameter(targets, p)
+            })?;
+        // PEFT's ParamWrapper: one `[r·E, in]` / `[out, r·E]` pair for all experts.
+        let path = format!("{module}.{parameter}");
+        let weights = self.init(&path, self.spec.r * experts, [out_features, in_features]);
+        Some((key_path, weights))
+    }
+
+    /// PEFT's initialization of `rows` × `in` / `out` × `rows` factors for the layer or
+    /// parameter at `path`, counted as adapted.
+    fn init(
+        &self,
+        path: &str,
+        rows: usize,
+        [out_features, in_features]: [usize; 2],
+    ) -> LoraWeights {
+        use rand::SeedableRng;
         *self.adapted.borrow_mut() += 1;
         // Each layer's draw depends on the seed and its path only, not on loading order.
-        let layer_seed = prefix
+        let layer_seed = path
             .bytes()
             .fold(self.spec.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
         let mut rng = rand::rngs::StdRng::seed_from_u64(layer_seed);
-        Some(LoraWeights::init(
-            self.spec.r,
+        LoraWeights::init(
+            rows,
             in_features,
             out_features,
             self.spec.scale(),
             self.spec.dropout,
             &mut rng,
-        ))
+        )
     }
 }
 
@@ -298,6 +418,19 @@ impl AdapterWeights {
         }
     }
 
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+        shape: [usize; 3],
+    ) -> std::result::Result<Option<(String, LoraWeights)>, ModelError> {
+        match self {
+            Self::Peft(adapter) => adapter.parameter_lora(module, parameter, declared),
+            Self::Fresh(fresh) => Ok(fresh.parameter_lora(module, parameter, declared, shape)),
+        }
+    }
+
     /// Fails when a PEFT adapter's tensors were not all used, or when fresh factors adapt
     /// no layer.
     pub fn check_all_used(&self) -> Result<()> {
@@ -305,8 +438,8 @@ impl AdapterWeights {
             Self::Peft(adapter) => adapter.check_all_used(),
             Self::Fresh(fresh) if *fresh.adapted.borrow() == 0 => {
                 Err(Error::InvalidArgument(format!(
-                    "LoRA target modules {:?} match no linear layer of the model",
-                    fresh.spec.target_modules
+                    "LoRA targets {:?} and {:?} match no linear layer or parameter of the model",
+                    fresh.spec.target_modules, fresh.spec.target_parameters
                 )))
             }
             Self::Fresh(_) => Ok(()),
@@ -353,37 +486,11 @@ impl WeightSource for Adapted<'_> {
         let Some(factors) = factors else {
             return self.inner.linear_weight(name, out_features, in_features);
         };
-        let mut weight = self.inner.tensor(name)?;
+        let weight = self.inner.tensor(name)?;
         moera_models::nn::check_shape(name, &weight, &[out_features, in_features])?;
-        let rank = factors.a.shape().first().copied().unwrap_or(0);
-        moera_models::nn::check_shape(&format!("{name} lora_A"), &factors.a, &[rank, in_features])?;
-        moera_models::nn::check_shape(
-            &format!("{name} lora_B"),
-            &factors.b,
-            &[out_features, rank],
-        )?;
-        let f32s = |data: &TensorData| {
-            data.clone()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| ModelError::Weights {
-                    name: name.to_string(),
-                    reason: format!("{e:?}"),
-                })
-        };
-        let (a, b) = (f32s(&factors.a)?, f32s(&factors.b)?);
-        let mut values = f32s(&weight)?;
-        // W[o, i] += s · Σ_r B[o, r] · A[r, i]
-        for (o, row) in values.chunks_exact_mut(in_features).enumerate() {
-            for r in 0..rank {
-                let coefficient = factors.scale * b[o * rank + r];
-                let a_row = &a[r * in_features..(r + 1) * in_features];
-                row.iter_mut()
-                    .zip(a_row)
-                    .for_each(|(w, &x)| *w += coefficient * x);
-            }
-        }
-        weight = TensorData::new(values, [out_features, in_features]);
+        let mut values = moera_models::nn::f32_values(weight, name)?;
+        fold_lora(name, &mut values, &factors, [out_features, in_features])?;
+        let weight = TensorData::new(values, [out_features, in_features]);
         Ok(LinearWeight::Dense(weight))
     }
 
@@ -408,6 +515,23 @@ impl WeightSource for Adapted<'_> {
             None => self.inner.lora(prefix, in_features, out_features),
         }
     }
+
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+        shape: [usize; 3],
+    ) -> std::result::Result<Option<(String, LoraWeights)>, ModelError> {
+        // Merged after loading (`Decoder::merge_parameter_adapters`), whatever the layout
+        // the checkpoint stores the experts in.
+        match self.adapter {
+            Some(adapter) => adapter.parameter_lora(module, parameter, declared, shape),
+            None => self
+                .inner
+                .parameter_lora(module, parameter, declared, shape),
+        }
+    }
 }
 
 /// Writes `adapters` (with `config`'s rank and alpha) as a PEFT adapter folder.
@@ -424,6 +548,7 @@ pub(crate) fn save(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut tensors = Vec::new();
     let mut targets = BTreeSet::new();
+    let mut parameters = BTreeSet::new();
     for adapter in adapters {
         for (factor, param) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
             // moera holds `[in, r]` / `[r, out]`; PEFT stores the transposes.
@@ -437,8 +562,15 @@ pub(crate) fn save(
             let key = format!("{KEY_PREFIX}{}.{factor}.weight", adapter.path);
             tensors.push((key, shape, values));
         }
-        if let Some(module) = adapter.path.rsplit('.').next() {
-            targets.insert(module.to_string());
+        match &adapter.parameter {
+            Some(parameter) => {
+                parameters.insert(parameter_target(parameter).to_string());
+            }
+            None => {
+                if let Some(module) = adapter.path.rsplit('.').next() {
+                    targets.insert(module.to_string());
+                }
+            }
         }
     }
     crate::safetensors_source::write_f32(&dir.join("adapter_model.safetensors"), &tensors)?;
@@ -452,7 +584,9 @@ pub(crate) fn save(
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "target_modules": targets,
+        // PEFT takes no module list (null) when only parameters are adapted.
+        "target_modules": (!targets.is_empty()).then_some(targets),
+        "target_parameters": (!parameters.is_empty()).then_some(parameters),
         "base_model_name_or_path": config
             .base_model_name_or_path
             .clone()

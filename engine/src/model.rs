@@ -484,6 +484,15 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     }
 }
 
+/// When merging, folds the adapter's factors on parameters (routers, experts' stacked
+/// weights) into the loaded model; the linear layers' were folded as they loaded.
+fn merge_parameter_adapters(model: Decoder, options: &LoadOptions, path: &Path) -> Result<Decoder> {
+    if !options.merge_adapter {
+        return Ok(model);
+    }
+    model.merge_parameter_adapters().map_err(model_error(path))
+}
+
 fn open_adapter(options: &LoadOptions) -> Result<Option<AdapterWeights>> {
     if options.merge_adapter && options.adapter.is_none() {
         return Err(Error::InvalidArgument(
@@ -542,6 +551,7 @@ fn load_folder(
         .as_ref()
         .map(AdapterWeights::check_all_used)
         .transpose()?;
+    let model = merge_parameter_adapters(model, &options, dir)?;
     let architecture = architecture.model_type().to_string();
 
     let tokenizer_path = dir.join("tokenizer.json");
@@ -667,6 +677,7 @@ fn load_gguf(
         .as_ref()
         .map(AdapterWeights::check_all_used)
         .transpose()?;
+    let model = merge_parameter_adapters(model, &options, path)?;
     let architecture = kind.model_type().to_string();
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {

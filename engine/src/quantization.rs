@@ -159,6 +159,17 @@ impl WeightSource for Quantizing<'_> {
     ) -> std::result::Result<Option<moera_models::nn::LoraWeights>, ModelError> {
         self.inner.lora(prefix, in_features, out_features)
     }
+
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+        shape: [usize; 3],
+    ) -> std::result::Result<Option<(String, moera_models::nn::LoraWeights)>, ModelError> {
+        self.inner
+            .parameter_lora(module, parameter, declared, shape)
+    }
 }
 
 impl Quantizing<'_> {

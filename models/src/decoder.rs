@@ -147,6 +147,18 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Folds the adapters on parameters (routers, experts' stacked weights) into the
+    /// weights: merging an adapter folds the linear layers' as they load, and these
+    /// after, whatever layout the checkpoint stores the experts in.
+    pub fn merge_parameter_adapters(mut self) -> Result<Self, ModelError> {
+        for layer in &mut self.layers {
+            if let FeedForward::Sparse(moe) = &mut layer.mlp {
+                moe.merge_lora()?;
+            }
+        }
+        Ok(self)
+    }
+
     /// Every linear layer, in layer order, then the head.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut linears = Vec::new();
@@ -339,9 +351,14 @@ impl Decoder {
 
 impl CausalLm for Decoder {
     fn lora_adapters(&self) -> Vec<&crate::nn::LoraAdapter> {
+        let experts = self.layers.iter().flat_map(|layer| match &layer.mlp {
+            FeedForward::Sparse(moe) => Some(moe.experts.lora_adapters()),
+            FeedForward::Dense(_) => None,
+        });
         self.linears()
             .into_iter()
             .filter_map(|linear| linear.lora.as_ref())
+            .chain(experts.flatten())
             .collect()
     }
 

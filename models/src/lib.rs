@@ -97,6 +97,23 @@ pub trait WeightSource {
         let _ = (prefix, in_features, out_features);
         Ok(None)
     }
+
+    /// A LoRA adapter on the parameter `{module}.{parameter}` of `shape` `[experts, out,
+    /// in]` (PEFT's `target_parameters`: a router's `weight` with `experts` 1, experts'
+    /// stacked weights), if the source carries one: its factors in PEFT's layout and the
+    /// module path PEFT keys them under. `declared` lists the module's parameters in
+    /// declaration order: PEFT nests the wrappers of several adapted parameters of one
+    /// module in that order (see [`nn::peft_parameter_key_path`]).
+    fn parameter_lora(
+        &self,
+        module: &str,
+        parameter: &str,
+        declared: &[&str],
+        shape: [usize; 3],
+    ) -> Result<Option<(String, nn::LoraWeights)>, ModelError> {
+        let _ = (module, parameter, declared, shape);
+        Ok(None)
+    }
 }
 
 /// A linear layer's weight as a [`WeightSource`] hands it over.

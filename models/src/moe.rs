@@ -14,7 +14,8 @@ pub use moera_kernels::moe::{ExpertActivation, ExpertMatrix, RoutingMethod};
 use moera_kernels::{QuantLinear, QuantizedMatrix};
 
 use crate::nn::{
-    GatedMlp, Linear, check_dims, checked_data, f32_values, load_checked, transpose_into,
+    GatedMlp, Linear, LoraAdapter, check_dims, checked_data, f32_values, load_checked,
+    transformers_module_path, transpose_into,
 };
 use crate::{LinearWeight, ModelError, WeightSource};
 
@@ -284,8 +285,20 @@ impl Router {
             } => Some(Tensor::from_data(correction_bias.as_slice(), device)),
             _ => None,
         };
+        let mut gate = Linear::from_hf_weight(&weight, bias, device);
+        // transformers' routers hold a bare `weight` parameter (not a linear module): PEFT
+        // adapts it through `target_parameters`.
+        let shape = [1, spec.num_experts, hidden];
+        let module = transformers_module_path(prefix);
+        if let Some((key_path, lora)) =
+            source.parameter_lora(&module, "weight", &["weight"], shape)?
+        {
+            let path = format!("{module}.weight");
+            let adapter = LoraAdapter::for_parameter(&key_path, &path, lora, shape, device)?;
+            gate.lora = Some(adapter);
+        }
         Ok(Self {
-            gate: Linear::from_hf_weight(&weight, bias, device),
+            gate,
             spec,
             correction_bias,
         })
@@ -443,12 +456,20 @@ pub struct Experts {
     gate_up_bias: Option<Param<Tensor<2>>>,
     down: ExpertProjection,
     down_bias: Option<Param<Tensor<2>>>,
+    /// LoRA on the stacked weights (PEFT's `target_parameters`
+    /// `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`).
+    gate_up_lora: Option<LoraAdapter>,
+    down_lora: Option<LoraAdapter>,
     /// `[E, H, I]`.
     #[module(skip)]
     shape: [usize; 3],
     #[module(skip)]
     activation: ExpertActivation,
 }
+
+/// The experts' stacked parameters in transformers' declaration order, which PEFT's
+/// nesting of parameter adapters (and so their keys) follows.
+pub const EXPERT_PARAMETERS: [&str; 2] = ["gate_up_proj", "down_proj"];
 
 /// One projection of every expert: f32 parameters `[E, in, out]`, or quantized codes
 /// `[E·out, in]` that the kernels decode where they read them (frozen in training).
@@ -625,6 +646,17 @@ impl Experts {
                 split_interleaved(&fused_bias, &mut gate_up_bias, inter);
                 let name = format!("{prefix}.experts.down_proj_bias");
                 let down_bias = stacked(source, &name, &[experts, hidden])?;
+                let module = transformers_module_path(&format!("{prefix}.experts"));
+                let gate_up_shape = [experts, 2 * inter, hidden];
+                if source
+                    .parameter_lora(&module, "gate_up_proj", &EXPERT_PARAMETERS, gate_up_shape)?
+                    .is_some()
+                {
+                    return Err(ModelError::Weights {
+                        name: format!("{module}.gate_up_proj"),
+                        reason: "LoRA on interleaved (GPT-OSS) experts is not supported".into(),
+                    });
+                }
                 return Self::from_stacked(
                     shape,
                     gate_up,
@@ -729,11 +761,23 @@ impl Experts {
                 ExpertProjection::dense(values, [experts, inter, hidden], device)
             }
         };
+        let module = transformers_module_path(&format!("{prefix}.experts"));
+        let lora = |parameter: &str, shape: [usize; 3]| {
+            source
+                .parameter_lora(&module, parameter, &EXPERT_PARAMETERS, shape)?
+                .map(|(key_path, weights)| {
+                    let path = format!("{module}.{parameter}");
+                    LoraAdapter::for_parameter(&key_path, &path, weights, shape, device)
+                })
+                .transpose()
+        };
         Ok(Self {
             gate_up,
             gate_up_bias: None,
             down,
             down_bias: None,
+            gate_up_lora: lora("gate_up_proj", [experts, 2 * inter, hidden])?,
+            down_lora: lora("down_proj", [experts, hidden, inter])?,
             shape,
             activation,
         })
@@ -764,6 +808,8 @@ impl Experts {
             gate_up_bias,
             down: ExpertProjection::dense(down, [experts, inter, hidden], device),
             down_bias,
+            gate_up_lora: None,
+            down_lora: None,
             shape,
             activation,
         })
@@ -790,6 +836,8 @@ impl Experts {
             gate_up_bias: None,
             down: ExpertProjection::quantized(down, device),
             down_bias: None,
+            gate_up_lora: None,
+            down_lora: None,
             shape,
             activation,
         })
@@ -804,10 +852,38 @@ impl Experts {
         [self.gate_up.is_quantized(), self.down.is_quantized()]
     }
 
+    /// The LoRA adapters on the stacked weights.
+    pub fn lora_adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
+        self.gate_up_lora.iter().chain(&self.down_lora)
+    }
+
+    /// Folds the adapters into f32 weights (`W_e + s·A_e·B_e`) and drops them; quantized
+    /// weights with an adapter are refused.
+    pub fn merge_lora(&mut self) -> Result<(), ModelError> {
+        for (projection, lora) in [
+            (&mut self.gate_up, self.gate_up_lora.take()),
+            (&mut self.down, self.down_lora.take()),
+        ] {
+            let Some(lora) = lora else { continue };
+            let Some(weight) = &mut projection.weight else {
+                return Err(crate::nn::unmergeable(&lora));
+            };
+            *weight = Param::from_tensor(weight.val() + lora.stacked_delta());
+        }
+        Ok(())
+    }
+
     /// Expert `e`'s MLP on its token rows `[rows, H]`.
     fn expert_forward(&self, e: usize, rows: Tensor<2>) -> Tensor<2> {
         let [_, hidden, inter] = self.shape;
+        let update = self
+            .gate_up_lora
+            .as_ref()
+            .map(|lora| lora.expert_forward(e, rows.clone()));
         let mut h = self.gate_up.matrix().forward_expert(e, rows, 2 * inter);
+        if let Some(update) = update {
+            h = h + update;
+        }
         if let Some(bias) = &self.gate_up_bias {
             h = h + bias.val().narrow(0, e, 1);
         }
@@ -822,7 +898,14 @@ impl Experts {
                 up.add_scalar(1.0) * glu
             }
         };
+        let update = self
+            .down_lora
+            .as_ref()
+            .map(|lora| lora.expert_forward(e, activated.clone()));
         let mut out = self.down.matrix().forward_expert(e, activated, hidden);
+        if let Some(update) = update {
+            out = out + update;
+        }
         if let Some(bias) = &self.down_bias {
             out = out + bias.val().narrow(0, e, 1);
         }
@@ -837,6 +920,10 @@ impl Experts {
         ids: Tensor<2, Int>,
         weights: Tensor<2>,
     ) -> Option<Tensor<2>> {
+        // The kernels read the stacked weights alone.
+        if self.lora_adapters().next().is_some() {
+            return None;
+        }
         let stacked = StackedExperts {
             gate_up: self.gate_up.matrix(),
             gate_up_bias: self.gate_up_bias.as_ref().map(Param::val),
@@ -958,10 +1045,20 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
-    /// The shared experts' linear layers and their gate (the routed experts are stacked).
+    /// Folds the adapters on the router and the experts' stacked weights into them.
+    pub fn merge_lora(&mut self) -> Result<(), ModelError> {
+        self.router.gate.merge_lora()?;
+        self.experts.merge_lora()
+    }
+
+    /// The router's linear map, the shared experts' linear layers and their gate (the
+    /// routed experts are stacked).
     pub fn linears(&self) -> Vec<&Linear> {
         let shared = self.shared.iter().flat_map(GatedMlp::linears);
-        shared.chain(&self.shared_gate).collect()
+        std::iter::once(&self.router.gate)
+            .chain(shared)
+            .chain(&self.shared_gate)
+            .collect()
     }
 
     /// Loads the router `{prefix}.{router}` and the experts of `{prefix}`, without shared

@@ -74,6 +74,15 @@ pub struct LoraAdapter {
     /// Probability of zeroing an input of `A` while training (on an autodiff device).
     #[module(skip)]
     pub dropout: f64,
+    /// Experts sharing the factors (PEFT's `ParamWrapper` on a stacked `[E, out, in]`
+    /// weight): expert `e` reads columns `e·r..(e+1)·r` of `A` and rows `e, E + e, …` of
+    /// `B`. 1 for a linear layer.
+    #[module(skip)]
+    pub experts: usize,
+    /// The adapted parameter's path when the adapter targets a parameter rather than a
+    /// module (PEFT's `target_parameters`), e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+    #[module(skip)]
+    pub parameter: Option<String>,
 }
 
 /// A LoRA adapter's factors as a [`WeightSource`] hands them over, in PEFT's layout.
@@ -143,7 +152,77 @@ impl LoraAdapter {
             scale: weights.scale,
             path: name.to_string(),
             dropout: weights.dropout,
+            experts: 1,
+            parameter: None,
         })
+    }
+
+    /// Wraps PEFT-layout factors adapting the parameter `parameter` (`[out, in]`, or
+    /// `[experts, out, in]` stacked): `lora_A` `[r·experts, in]`, `lora_B` `[out, r·experts]`,
+    /// stored under the module path `key_path` (PEFT nests the wrappers of several
+    /// parameters of one module: the inner ones' keys gain `.base_layer`).
+    pub fn for_parameter(
+        key_path: &str,
+        parameter: &str,
+        weights: LoraWeights,
+        [experts, out_features, in_features]: [usize; 3],
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        if weights.dropout > 0.0 {
+            return Err(ModelError::Weights {
+                name: parameter.to_string(),
+                reason: "LoRA on a parameter takes no dropout (as PEFT's ParamWrapper)".into(),
+            });
+        }
+        let rows = weights.a.shape().first().copied().unwrap_or(0);
+        if experts == 0 || rows % experts != 0 {
+            return Err(ModelError::Weights {
+                name: format!("{key_path}.lora_A.weight"),
+                reason: format!("{rows} rows are not a rank times {experts} experts"),
+            });
+        }
+        let mut adapter = Self::new(key_path, weights, in_features, out_features, device)?;
+        adapter.experts = experts;
+        adapter.parameter = Some(parameter.to_string());
+        Ok(adapter)
+    }
+
+    /// The rank `r` (per expert).
+    pub fn rank(&self) -> usize {
+        self.a.val().dims()[1] / self.experts
+    }
+
+    /// Expert `expert`'s update of its rows `x` `[n, in]`: `scale · (x·A_e)·B_e`.
+    pub fn expert_forward(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
+        let rank = self.rank();
+        let [_, out] = self.b.val().dims();
+        let a = self.a.val().narrow(1, expert * rank, rank);
+        let b = self
+            .b
+            .val()
+            .reshape([rank, self.experts, out])
+            .narrow(1, expert, 1)
+            .reshape([rank, out]);
+        x.matmul(a).matmul(b).mul_scalar(self.scale)
+    }
+
+    /// `scale · A_e·B_e` for every expert, `[experts, in, out]`: the update of a stacked
+    /// `[E, in, out]` weight (or, with one expert, of a linear layer's `[in, out]`).
+    pub fn stacked_delta(&self) -> Tensor<3> {
+        let rank = self.rank();
+        let [input, _] = self.a.val().dims();
+        let [_, out] = self.b.val().dims();
+        let a = self
+            .a
+            .val()
+            .reshape([input, self.experts, rank])
+            .swap_dims(0, 1);
+        let b = self
+            .b
+            .val()
+            .reshape([rank, self.experts, out])
+            .swap_dims(0, 1);
+        a.matmul(b).mul_scalar(self.scale)
     }
 
     /// `scale · (dropout(x)·A)·B`; dropout only while [`lora_dropout`] is on (training),
@@ -166,6 +245,34 @@ impl LoraAdapter {
             scale: self.scale,
         }
     }
+}
+
+/// `path` as transformers 5 names the module (and so PEFT's keys and targets do): it loads
+/// Mixtral's `block_sparse_moe` as `mlp`.
+pub fn transformers_module_path(path: &str) -> String {
+    path.replace(".block_sparse_moe", ".mlp")
+}
+
+/// The module path PEFT stores the adapter of `{module}.{parameter}` under, if `targeted`
+/// says that parameter is adapted: each adapted parameter declared after it wraps it once
+/// more, adding `.base_layer` (PEFT wraps a module's parameters in declaration order).
+/// `module` is transformers' path ([`transformers_module_path`]).
+pub fn peft_parameter_key_path(
+    module: &str,
+    parameter: &str,
+    declared: &[&str],
+    targeted: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let path = |name: &str| format!("{module}.{name}");
+    if !targeted(&path(parameter)) {
+        return None;
+    }
+    let position = declared.iter().position(|&name| name == parameter)?;
+    let outer = declared[position + 1..]
+        .iter()
+        .filter(|name| targeted(&path(name)))
+        .count();
+    Some(format!("{module}{}", ".base_layer".repeat(outer)))
 }
 
 thread_local! {
@@ -278,6 +385,21 @@ impl Linear {
         }
     }
 
+    /// Folds the adapter into an f32 weight (`W + s·A·B`) and drops it; a quantized
+    /// weight with an adapter is refused.
+    pub fn merge_lora(&mut self) -> Result<(), ModelError> {
+        let Some(lora) = self.lora.take() else {
+            return Ok(());
+        };
+        let Some(weight) = &mut self.weight else {
+            return Err(unmergeable(&lora));
+        };
+        let [input, out] = weight.val().dims();
+        let delta = lora.stacked_delta().reshape([input, out]);
+        *weight = Param::from_tensor(weight.val() + delta);
+        Ok(())
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
         let lora = self.lora.as_ref().map(|adapter| adapter.update(x.clone()));
@@ -299,6 +421,16 @@ impl Linear {
             }
             (None, None) => unreachable!("a linear layer has a dense or a quantized weight"),
         }
+    }
+}
+
+/// The error for merging `lora` into quantized weights.
+pub(crate) fn unmergeable(lora: &LoraAdapter) -> ModelError {
+    ModelError::Weights {
+        name: lora.parameter.clone().unwrap_or_else(|| lora.path.clone()),
+        reason: "an adapter cannot be merged into quantized weights: load them unquantized \
+                 or keep the adapter separate"
+            .into(),
     }
 }
 

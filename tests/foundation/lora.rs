@@ -23,24 +23,33 @@ fn refused(result: Result<Model, Error>) -> Error {
     }
 }
 
+/// PEFT's adapters: on tiny-llama's attention and MLP, and on tiny-mixtral's experts
+/// (stacked `gate_up_proj`/`down_proj`) and router through PEFT's `target_parameters`.
+const PEFT_ADAPTERS: [(&str, &str); 2] = [
+    ("tiny-llama", "tiny-llama-lora"),
+    ("tiny-mixtral", "tiny-mixtral-lora-experts"),
+];
+
 fn check_peft_logits(device: &Device) {
-    let adapter = fixtures().join("tiny-llama-lora");
-    let reference = reference(&adapter.join("reference.safetensors"));
-    let prompt = ids(&reference["prompt_ids"].1);
-    let model = with_adapter("tiny-llama", &adapter, device).expect("load with adapter");
-    let logits = model.logits(&prompt).expect("forward");
-    let diff = max_abs_diff(&logits, &reference["logits"].1);
-    assert!(
-        diff < 1e-4,
-        "logits with the adapter differ from PEFT's by {diff}"
-    );
-    // The adapter matters: without it the logits are the base model's.
-    let base = load_on(&fixtures().join("tiny-llama"), device);
-    let base_diff = max_abs_diff(&base.logits(&prompt).unwrap(), &reference["logits"].1);
-    assert!(
-        base_diff > 0.05,
-        "the adapter changes nothing ({base_diff})"
-    );
+    for (base, adapter) in PEFT_ADAPTERS {
+        let adapter = fixtures().join(adapter);
+        let reference = reference(&adapter.join("reference.safetensors"));
+        let prompt = ids(&reference["prompt_ids"].1);
+        let model = with_adapter(base, &adapter, device).expect("load with adapter");
+        let logits = model.logits(&prompt).expect("forward");
+        let diff = max_abs_diff(&logits, &reference["logits"].1);
+        assert!(
+            diff < 1e-4,
+            "{base}: logits with the adapter differ from PEFT's by {diff}"
+        );
+        // The adapter matters: without it the logits are the base model's.
+        let base_model = load_on(&fixtures().join(base), device);
+        let base_diff = max_abs_diff(&base_model.logits(&prompt).unwrap(), &reference["logits"].1);
+        assert!(
+            base_diff > 0.05,
+            "{base}: the adapter changes nothing ({base_diff})"
+        );
+    }
 }
 
 #[test]
@@ -53,23 +62,25 @@ fn peft_adapter_gives_peft_logits() {
 #[test]
 fn merged_adapter_gives_peft_logits() {
     use moera::models::CausalLm;
-    let adapter = fixtures().join("tiny-llama-lora");
-    let reference = reference(&adapter.join("reference.safetensors"));
-    let prompt = ids(&reference["prompt_ids"].1);
-    let options = LoadOptions {
-        adapter: Some(adapter.clone()),
-        merge_adapter: true,
-        ..Default::default()
-    };
-    let model = Model::load_with(fixtures().join("tiny-llama"), &flex(), options, &mut |_| {})
-        .expect("load merged");
-    assert!(model.decoder().lora_adapters().is_empty());
-    let diff = max_abs_diff(&model.logits(&prompt).unwrap(), &reference["logits"].1);
-    assert!(
-        diff < 1e-4,
-        "merged adapter: logits differ from PEFT's by {diff}"
-    );
-    assert!(model.save_adapter(&scratch().path().join("a")).is_err());
+    for (base, adapter) in PEFT_ADAPTERS {
+        let adapter = fixtures().join(adapter);
+        let reference = reference(&adapter.join("reference.safetensors"));
+        let prompt = ids(&reference["prompt_ids"].1);
+        let options = LoadOptions {
+            adapter: Some(adapter.clone()),
+            merge_adapter: true,
+            ..Default::default()
+        };
+        let model = Model::load_with(fixtures().join(base), &flex(), options, &mut |_| {})
+            .expect("load merged");
+        assert!(model.decoder().lora_adapters().is_empty());
+        let diff = max_abs_diff(&model.logits(&prompt).unwrap(), &reference["logits"].1);
+        assert!(
+            diff < 1e-4,
+            "{base}: merged adapter: logits differ from PEFT's by {diff}"
+        );
+        assert!(model.save_adapter(&scratch().path().join("a")).is_err());
+    }
 
     let merge_nothing = LoadOptions {
         merge_adapter: true,
@@ -177,8 +188,9 @@ pub(crate) fn training_batch(reference: &Reference) -> (Vec<Vec<u32>>, Vec<Vec<i
 
 /// One training step's loss and LoRA gradients against PEFT + PyTorch's for the same
 /// adapter and batch (2 × 10 tokens, the first 4 of each not scored), on flex with autodiff:
-/// tiny-llama (attention and MLP adapted) and tiny-mixtral (attention adapted; the
-/// gradients pass back through the experts and the routing weights).
+/// tiny-llama (attention and MLP adapted), tiny-mixtral with attention adapted (the
+/// gradients pass back through the experts and the routing weights), and tiny-mixtral with
+/// its experts' stacked weights and its router adapted (PEFT's `target_parameters`).
 #[test]
 fn lora_loss_and_gradients_match_peft() {
     check_loss_and_gradients(&Device::flex().autodiff());
@@ -191,8 +203,13 @@ fn lora_loss_and_gradients_match_peft_on_wgpu() {
 }
 
 fn check_loss_and_gradients(device: &Device) {
-    for (base, adapted_layers) in [("tiny-llama", 2 * 5), ("tiny-mixtral", 2 * 4)] {
-        let adapter = fixtures().join(format!("{base}-lora"));
+    for (base, adapter, adapted_layers) in [
+        ("tiny-llama", "tiny-llama-lora", 2 * 5),
+        ("tiny-mixtral", "tiny-mixtral-lora", 2 * 4),
+        // q_proj, the router and both stacked expert weights of each layer.
+        ("tiny-mixtral", "tiny-mixtral-lora-experts", 2 * 4),
+    ] {
+        let adapter = fixtures().join(adapter);
         let reference = reference(&adapter.join("reference.safetensors"));
         let model = with_adapter(base, &adapter, device).expect("load with adapter");
         let (loss, grads) = loss_and_lora_gradients(&model, &reference);
@@ -201,7 +218,11 @@ fn check_loss_and_gradients(device: &Device) {
             (loss as f64 - expected).abs() < 1e-5,
             "{base}: loss {loss}, PEFT {expected}"
         );
-        assert_eq!(grads.len(), 2 * adapted_layers, "{base}: adapted layers");
+        assert_eq!(
+            grads.len(),
+            2 * adapted_layers,
+            "{adapter:?}: adapted layers"
+        );
         for (key, grad) in grads {
             let (shape, expected) = &reference[&key];
             assert_eq!(grad.dims().to_vec(), *shape, "{key}");
@@ -365,12 +386,17 @@ impl burn::module::ModuleMapper for AdapterStep {
 /// transformers and peft, required with `MOERA_REQUIRE_PEFT=1`).
 #[test]
 fn trained_adapter_saves_in_peft_format() {
+    for (base, adapter) in PEFT_ADAPTERS {
+        check_trained_adapter(base, &fixtures().join(adapter));
+    }
+}
+
+fn check_trained_adapter(base: &str, adapter: &Path) {
     use burn::module::Module;
     use moera::models::CausalLm;
 
-    let adapter = fixtures().join("tiny-llama-lora");
     let reference = reference(&adapter.join("reference.safetensors"));
-    let model = with_adapter("tiny-llama", &adapter, &Device::flex().autodiff()).expect("load");
+    let model = with_adapter(base, adapter, &Device::flex().autodiff()).expect("load");
     let (batch_ids, labels) = training_batch(&reference);
     let before = model.loss(&batch_ids, &labels).expect("loss");
     let grads = before.backward();
@@ -409,7 +435,7 @@ fn trained_adapter_saves_in_peft_format() {
         keys(&adapter.join("adapter_model.safetensors")),
         "keys and shapes as PEFT writes them"
     );
-    let reloaded = with_adapter("tiny-llama", &saved, &flex()).expect("reload");
+    let reloaded = with_adapter(base, &saved, &flex()).expect("reload");
     let diff = max_abs_diff(
         &reloaded.logits(&prompt).unwrap(),
         &trained.iter().map(|&v| v as f64).collect::<Vec<_>>(),
@@ -460,7 +486,7 @@ fn trained_adapter_saves_in_peft_format() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_peft_adapter.py");
     let output = std::process::Command::new("python3")
         .arg(script)
-        .arg(fixtures().join("tiny-llama"))
+        .arg(fixtures().join(base))
         .arg(&saved)
         .arg(&logits_path)
         .output()
