@@ -175,6 +175,7 @@ impl PeftAdapter {
             b: self.weights.tensor(&b)?,
             scale: self.config.scale(),
             dropout: 0.0,
+            slot: 0,
         };
         self.used.borrow_mut().extend([a, b]);
         Ok(Some(weights))
@@ -454,11 +455,12 @@ impl AdapterWeights {
     }
 }
 
-/// A weight source with an adapter's LoRA factors on top, or folded into the weights
-/// (`merge`: `W + s·B·A` in f32, no separate factors).
+/// A weight source with adapters' LoRA factors on top, each tagged with its slot, or the
+/// one adapter folded into the weights (`merge`: `W + s·B·A` in f32, no separate factors).
 pub(crate) struct Adapted<'a> {
     pub inner: &'a dyn WeightSource,
-    pub adapter: Option<&'a AdapterWeights>,
+    /// (slot, adapter).
+    pub adapters: &'a [(usize, AdapterWeights)],
     pub merge: bool,
 }
 
@@ -477,8 +479,8 @@ impl WeightSource for Adapted<'_> {
         out_features: usize,
         in_features: usize,
     ) -> std::result::Result<LinearWeight, ModelError> {
-        let factors = match (self.merge, self.adapter, name.strip_suffix(".weight")) {
-            (true, Some(adapter), Some(prefix)) => {
+        let factors = match (self.merge, self.adapters, name.strip_suffix(".weight")) {
+            (true, [(_, adapter)], Some(prefix)) => {
                 adapter.lora(prefix, in_features, out_features)?
             }
             _ => None,
@@ -507,13 +509,24 @@ impl WeightSource for Adapted<'_> {
         prefix: &str,
         in_features: usize,
         out_features: usize,
-    ) -> std::result::Result<Option<LoraWeights>, ModelError> {
-        match self.adapter {
-            // Merged factors are part of the weights already.
-            Some(_) if self.merge => Ok(None),
-            Some(adapter) => adapter.lora(prefix, in_features, out_features),
-            None => self.inner.lora(prefix, in_features, out_features),
+    ) -> std::result::Result<Vec<LoraWeights>, ModelError> {
+        if self.adapters.is_empty() {
+            return self.inner.lora(prefix, in_features, out_features);
         }
+        // Merged factors are part of the weights already.
+        if self.merge {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for (slot, adapter) in self.adapters {
+            if let Some(weights) = adapter.lora(prefix, in_features, out_features)? {
+                found.push(LoraWeights {
+                    slot: *slot,
+                    ..weights
+                });
+            }
+        }
+        Ok(found)
     }
 
     fn parameter_lora(
@@ -522,15 +535,27 @@ impl WeightSource for Adapted<'_> {
         parameter: &str,
         declared: &[&str],
         shape: [usize; 3],
-    ) -> std::result::Result<Option<(String, LoraWeights)>, ModelError> {
-        // Merged after loading (`Decoder::merge_parameter_adapters`), whatever the layout
-        // the checkpoint stores the experts in.
-        match self.adapter {
-            Some(adapter) => adapter.parameter_lora(module, parameter, declared, shape),
-            None => self
+    ) -> std::result::Result<Vec<(String, LoraWeights)>, ModelError> {
+        if self.adapters.is_empty() {
+            return self
                 .inner
-                .parameter_lora(module, parameter, declared, shape),
+                .parameter_lora(module, parameter, declared, shape);
         }
+        // Merged after loading too (`Decoder::merge_parameter_adapters`), whatever the
+        // layout the checkpoint stores the experts in.
+        let mut found = Vec::new();
+        for (slot, adapter) in self.adapters {
+            if let Some((key_path, weights)) =
+                adapter.parameter_lora(module, parameter, declared, shape)?
+            {
+                let weights = LoraWeights {
+                    slot: *slot,
+                    ..weights
+                };
+                found.push((key_path, weights));
+            }
+        }
+        Ok(found)
     }
 }
 

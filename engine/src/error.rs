@@ -42,6 +42,8 @@ pub enum Error {
     Checkpoint { path: PathBuf, reason: String },
     #[error("{path}: LoRA adapter: {reason}")]
     Adapter { path: PathBuf, reason: String },
+    #[error("no adapter named {name:?} (loaded: {loaded:?})")]
+    UnknownAdapter { name: String, loaded: Vec<String> },
     #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Dataset {
         path: PathBuf,

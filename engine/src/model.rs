@@ -77,6 +77,10 @@ pub struct LoadOptions {
     /// adapted layers become f32 (or are quantized again by an in-situ `quantization`) and
     /// run without the extra low-rank product.
     pub merge_adapter: bool,
+    /// More PEFT adapters loaded beside the base by name, sharing its weights, each applied
+    /// only where a request chooses it ([`Model::with_adapter`]), as vLLM serves several
+    /// LoRA adapters over one base model.
+    pub named_adapters: Vec<(String, PathBuf)>,
 }
 
 /// A language model ready to score and generate.
@@ -90,8 +94,10 @@ pub struct Model {
     architecture: String,
     path: PathBuf,
     weight_memory: WeightMemory,
-    /// The configuration of the loaded LoRA adapter, if any.
+    /// The configuration of the adapter given at load (slot 0), if any.
     adapter_config: Option<AdapterConfig>,
+    /// The named adapters and their slots.
+    named_adapters: NamedSlots,
 }
 
 impl std::fmt::Debug for Model {
@@ -277,6 +283,43 @@ impl Model {
         self
     }
 
+    /// The names of the adapters loaded beside the base ([`LoadOptions::named_adapters`]).
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.named_adapters.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Runs `f` with the named adapter applied to every forward pass this thread makes
+    /// (`None`: the base model alone, without even the adapter given at load). Requests on
+    /// other threads choose their own.
+    ///
+    /// ```no_run
+    /// # fn main() -> moera_engine::Result<()> {
+    /// use moera_engine::{LoadOptions, Model};
+    /// let options = LoadOptions {
+    ///     named_adapters: vec![("sql".into(), "adapters/sql".into())],
+    ///     ..Default::default()
+    /// };
+    /// let model = Model::load_with("models/base", &moera_engine::Device::flex(), options, &mut |_| {})?;
+    /// let logits = model.with_adapter(Some("sql"), |model| model.logits(&[1, 2, 3]))??;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_adapter<R>(&self, name: Option<&str>, f: impl FnOnce(&Self) -> R) -> Result<R> {
+        let slot = match name {
+            None => None,
+            Some(name) => Some(
+                self.named_adapters
+                    .iter()
+                    .find(|(known, _)| known == name)
+                    .map(|&(_, slot)| slot)
+                    .ok_or_else(|| Error::UnknownAdapter {
+                        name: name.to_string(),
+                        loaded: self.adapter_names().map(str::to_string).collect(),
+                    })?,
+            ),
+        };
+        Ok(moera_models::nn::with_lora_slot(slot, || f(self)))
+    }
+
     /// Writes the model's LoRA adapters in PEFT's format to `dir` (created if missing):
     /// `adapter_model.safetensors` with `base_model.model.{module}.lora_A.weight` `[r, in]`
     /// and `lora_B.weight` `[out, r]` in f32, and `adapter_config.json`.
@@ -285,7 +328,13 @@ impl Model {
             .adapter_config
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
-        crate::adapter::save(dir, config, &self.inner.lora_adapters(), &self.path)
+        let adapters: Vec<_> = self
+            .inner
+            .lora_adapters()
+            .into_iter()
+            .filter(|adapter| adapter.slot == 0)
+            .collect();
+        crate::adapter::save(dir, config, &adapters, &self.path)
     }
 
     /// The mean cross-entropy of next-token prediction over a batch of equally long
@@ -484,30 +533,89 @@ fn model_error(path: &Path) -> impl Fn(ModelError) -> Error + '_ {
     }
 }
 
-/// When merging, folds the adapter's factors on parameters (routers, experts' stacked
-/// weights) into the loaded model; the linear layers' were folded as they loaded.
-fn merge_parameter_adapters(model: Decoder, options: &LoadOptions, path: &Path) -> Result<Decoder> {
-    if !options.merge_adapter {
-        return Ok(model);
-    }
-    model.merge_parameter_adapters().map_err(model_error(path))
+/// Named adapters and their slots.
+type NamedSlots = Vec<(String, usize)>;
+
+/// The adapters a load applies: the one given at load (slot 0; a PEFT adapter or fresh
+/// factors to train) and the named ones (slots 1, 2, …).
+struct LoadAdapters {
+    adapters: Vec<(usize, AdapterWeights)>,
+    names: NamedSlots,
+    merge: bool,
 }
 
-fn open_adapter(options: &LoadOptions) -> Result<Option<AdapterWeights>> {
-    if options.merge_adapter && options.adapter.is_none() {
-        return Err(Error::InvalidArgument(
-            "merge_adapter needs an adapter to merge".into(),
-        ));
+impl LoadAdapters {
+    fn open(options: &LoadOptions) -> Result<Self> {
+        let invalid = |reason: &str| Err(Error::InvalidArgument(reason.into()));
+        if options.merge_adapter && options.adapter.is_none() {
+            return invalid("merge_adapter needs an adapter to merge");
+        }
+        if options.merge_adapter && !options.named_adapters.is_empty() {
+            return invalid("merge_adapter folds one adapter: load named adapters unmerged");
+        }
+        let mut adapters = Vec::new();
+        match (&options.adapter, &options.new_adapter) {
+            (Some(_), Some(_)) => {
+                return invalid("load either a PEFT adapter or a new one, not both");
+            }
+            (Some(dir), None) => {
+                adapters.push((0, AdapterWeights::Peft(Box::new(PeftAdapter::open(dir)?))))
+            }
+            (None, Some(spec)) => adapters.push((0, AdapterWeights::Fresh(FreshLora::new(spec)?))),
+            (None, None) => {}
+        }
+        let mut names = Vec::new();
+        for (slot, (name, dir)) in (1..).zip(&options.named_adapters) {
+            if name.is_empty() || names.iter().any(|(known, _)| known == name) {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter names must be non-empty and distinct: {name:?}"
+                )));
+            }
+            adapters.push((
+                slot,
+                AdapterWeights::Peft(Box::new(PeftAdapter::open(dir)?)),
+            ));
+            names.push((name.clone(), slot));
+        }
+        Ok(Self {
+            adapters,
+            names,
+            merge: options.merge_adapter,
+        })
     }
-    match (&options.adapter, &options.new_adapter) {
-        (Some(_), Some(_)) => Err(Error::InvalidArgument(
-            "load either a PEFT adapter or a new one, not both".into(),
-        )),
-        (Some(dir), None) => Ok(Some(AdapterWeights::Peft(Box::new(PeftAdapter::open(
-            dir,
-        )?)))),
-        (None, Some(spec)) => Ok(Some(AdapterWeights::Fresh(FreshLora::new(spec)?))),
-        (None, None) => Ok(None),
+
+    fn source<'a>(&'a self, inner: &'a dyn moera_models::WeightSource) -> Adapted<'a> {
+        Adapted {
+            inner,
+            adapters: &self.adapters,
+            merge: self.merge,
+        }
+    }
+
+    /// Checks every adapter fit the model, folds a merged adapter's factors on parameters
+    /// (routers, experts' stacked weights: the linear layers' were folded as they loaded),
+    /// and returns the model with the slot-0 adapter's configuration and the named slots.
+    fn finish(
+        self,
+        model: Decoder,
+        base: &Path,
+    ) -> Result<(Decoder, Option<AdapterConfig>, NamedSlots)> {
+        for (_, adapter) in &self.adapters {
+            adapter.check_all_used()?;
+        }
+        let model = if self.merge {
+            model
+                .merge_parameter_adapters()
+                .map_err(model_error(base))?
+        } else {
+            model
+        };
+        let config = self
+            .adapters
+            .into_iter()
+            .find(|&(slot, _)| slot == 0 && !self.merge)
+            .map(|(_, adapter)| adapter.config(base));
+        Ok((model, config, self.names))
     }
 }
 
@@ -525,12 +633,8 @@ fn load_folder(
     let format = options
         .quantization
         .in_situ_format(weights.parameter_count());
-    let adapter = open_adapter(&options)?;
-    let adapted = Adapted {
-        inner: &weights,
-        adapter: adapter.as_ref(),
-        merge: options.merge_adapter,
-    };
+    let adapters = LoadAdapters::open(&options)?;
+    let adapted = adapters.source(&weights);
     let quantizing = Quantizing::new(&adapted, format);
     let model = architecture
         .load(&config_json, &quantizing, device, progress)
@@ -547,11 +651,8 @@ fn load_folder(
             ModelError::Config(_) => model_error(&config_path)(e),
             _ => model_error(dir)(e),
         })?;
-    adapter
-        .as_ref()
-        .map(AdapterWeights::check_all_used)
-        .transpose()?;
-    let model = merge_parameter_adapters(model, &options, dir)?;
+    let weight_memory = quantizing.memory.get();
+    let (model, adapter_config, named_adapters) = adapters.finish(model, dir)?;
     let architecture = architecture.model_type().to_string();
 
     let tokenizer_path = dir.join("tokenizer.json");
@@ -605,10 +706,9 @@ fn load_folder(
         default_sampling,
         architecture,
         path: dir.to_path_buf(),
-        weight_memory: quantizing.memory.get(),
-        adapter_config: adapter
-            .filter(|_| !options.merge_adapter)
-            .map(|a| a.config(dir)),
+        weight_memory,
+        adapter_config,
+        named_adapters,
     })
 }
 
@@ -663,21 +763,14 @@ fn load_gguf(
         Quantization::Auto => None,
         other => other.in_situ_format(0),
     };
-    let adapter = open_adapter(&options)?;
-    let adapted = Adapted {
-        inner: &weights,
-        adapter: adapter.as_ref(),
-        merge: options.merge_adapter,
-    };
+    let adapters = LoadAdapters::open(&options)?;
+    let adapted = adapters.source(&weights);
     let quantizing = Quantizing::new(&adapted, format);
     let model = kind
         .load(&config, &quantizing, device, progress)
         .map_err(model_error(path))?;
-    adapter
-        .as_ref()
-        .map(AdapterWeights::check_all_used)
-        .transpose()?;
-    let model = merge_parameter_adapters(model, &options, path)?;
+    let weight_memory = quantizing.memory.get();
+    let (model, adapter_config, named_adapters) = adapters.finish(model, path)?;
     let architecture = kind.model_type().to_string();
 
     let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
@@ -724,9 +817,8 @@ fn load_gguf(
         default_sampling: SamplingParams::default(),
         architecture,
         path: path.to_path_buf(),
-        weight_memory: quantizing.memory.get(),
-        adapter_config: adapter
-            .filter(|_| !options.merge_adapter)
-            .map(|a| a.config(path)),
+        weight_memory,
+        adapter_config,
+        named_adapters,
     })
 }

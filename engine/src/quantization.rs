@@ -156,7 +156,7 @@ impl WeightSource for Quantizing<'_> {
         prefix: &str,
         in_features: usize,
         out_features: usize,
-    ) -> std::result::Result<Option<moera_models::nn::LoraWeights>, ModelError> {
+    ) -> std::result::Result<Vec<moera_models::nn::LoraWeights>, ModelError> {
         self.inner.lora(prefix, in_features, out_features)
     }
 
@@ -166,7 +166,7 @@ impl WeightSource for Quantizing<'_> {
         parameter: &str,
         declared: &[&str],
         shape: [usize; 3],
-    ) -> std::result::Result<Option<(String, moera_models::nn::LoraWeights)>, ModelError> {
+    ) -> std::result::Result<Vec<(String, moera_models::nn::LoraWeights)>, ModelError> {
         self.inner
             .parameter_lora(module, parameter, declared, shape)
     }

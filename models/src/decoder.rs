@@ -357,7 +357,7 @@ impl CausalLm for Decoder {
         });
         self.linears()
             .into_iter()
-            .filter_map(|linear| linear.lora.as_ref())
+            .flat_map(|linear| &linear.lora)
             .chain(experts.flatten())
             .collect()
     }

@@ -93,9 +93,9 @@ pub trait WeightSource {
         prefix: &str,
         in_features: usize,
         out_features: usize,
-    ) -> Result<Option<nn::LoraWeights>, ModelError> {
+    ) -> Result<Vec<nn::LoraWeights>, ModelError> {
         let _ = (prefix, in_features, out_features);
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// A LoRA adapter on the parameter `{module}.{parameter}` of `shape` `[experts, out,
@@ -110,9 +110,9 @@ pub trait WeightSource {
         parameter: &str,
         declared: &[&str],
         shape: [usize; 3],
-    ) -> Result<Option<(String, nn::LoraWeights)>, ModelError> {
+    ) -> Result<Vec<(String, nn::LoraWeights)>, ModelError> {
         let _ = (module, parameter, declared, shape);
-        Ok(None)
+        Ok(Vec::new())
     }
 }
 

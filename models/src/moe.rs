@@ -14,7 +14,7 @@ pub use moera_kernels::moe::{ExpertActivation, ExpertMatrix, RoutingMethod};
 use moera_kernels::{QuantLinear, QuantizedMatrix};
 
 use crate::nn::{
-    GatedMlp, Linear, LoraAdapter, check_dims, checked_data, f32_values, load_checked,
+    GatedMlp, Linear, LoraAdapter, active_lora, check_dims, checked_data, f32_values, load_checked,
     transformers_module_path, transpose_into,
 };
 use crate::{LinearWeight, ModelError, WeightSource};
@@ -290,12 +290,10 @@ impl Router {
         // adapts it through `target_parameters`.
         let shape = [1, spec.num_experts, hidden];
         let module = transformers_module_path(prefix);
-        if let Some((key_path, lora)) =
-            source.parameter_lora(&module, "weight", &["weight"], shape)?
-        {
+        for (key_path, lora) in source.parameter_lora(&module, "weight", &["weight"], shape)? {
             let path = format!("{module}.weight");
             let adapter = LoraAdapter::for_parameter(&key_path, &path, lora, shape, device)?;
-            gate.lora = Some(adapter);
+            gate.lora.push(adapter);
         }
         Ok(Self {
             gate,
@@ -458,8 +456,8 @@ pub struct Experts {
     down_bias: Option<Param<Tensor<2>>>,
     /// LoRA on the stacked weights (PEFT's `target_parameters`
     /// `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`).
-    gate_up_lora: Option<LoraAdapter>,
-    down_lora: Option<LoraAdapter>,
+    gate_up_lora: Vec<LoraAdapter>,
+    down_lora: Vec<LoraAdapter>,
     /// `[E, H, I]`.
     #[module(skip)]
     shape: [usize; 3],
@@ -650,7 +648,7 @@ impl Experts {
                 let gate_up_shape = [experts, 2 * inter, hidden];
                 if source
                     .parameter_lora(&module, "gate_up_proj", &EXPERT_PARAMETERS, gate_up_shape)?
-                    .is_some()
+                    .is_empty()
                 {
                     return Err(ModelError::Weights {
                         name: format!("{module}.gate_up_proj"),
@@ -765,11 +763,12 @@ impl Experts {
         let lora = |parameter: &str, shape: [usize; 3]| {
             source
                 .parameter_lora(&module, parameter, &EXPERT_PARAMETERS, shape)?
+                .into_iter()
                 .map(|(key_path, weights)| {
                     let path = format!("{module}.{parameter}");
                     LoraAdapter::for_parameter(&key_path, &path, weights, shape, device)
                 })
-                .transpose()
+                .collect::<Result<Vec<_>, _>>()
         };
         Ok(Self {
             gate_up,
@@ -808,8 +807,8 @@ impl Experts {
             gate_up_bias,
             down: ExpertProjection::dense(down, [experts, inter, hidden], device),
             down_bias,
-            gate_up_lora: None,
-            down_lora: None,
+            gate_up_lora: Vec::new(),
+            down_lora: Vec::new(),
             shape,
             activation,
         })
@@ -836,8 +835,8 @@ impl Experts {
             gate_up_bias: None,
             down: ExpertProjection::quantized(down, device),
             down_bias: None,
-            gate_up_lora: None,
-            down_lora: None,
+            gate_up_lora: Vec::new(),
+            down_lora: Vec::new(),
             shape,
             activation,
         })
@@ -860,15 +859,16 @@ impl Experts {
     /// Folds the adapters into f32 weights (`W_e + s·A_e·B_e`) and drops them; quantized
     /// weights with an adapter are refused.
     pub fn merge_lora(&mut self) -> Result<(), ModelError> {
-        for (projection, lora) in [
-            (&mut self.gate_up, self.gate_up_lora.take()),
-            (&mut self.down, self.down_lora.take()),
+        for (projection, adapters) in [
+            (&mut self.gate_up, std::mem::take(&mut self.gate_up_lora)),
+            (&mut self.down, std::mem::take(&mut self.down_lora)),
         ] {
-            let Some(lora) = lora else { continue };
-            let Some(weight) = &mut projection.weight else {
-                return Err(crate::nn::unmergeable(&lora));
-            };
-            *weight = Param::from_tensor(weight.val() + lora.stacked_delta());
+            for lora in adapters {
+                let Some(weight) = &mut projection.weight else {
+                    return Err(crate::nn::unmergeable(&lora));
+                };
+                *weight = Param::from_tensor(weight.val() + lora.stacked_delta());
+            }
         }
         Ok(())
     }
@@ -876,10 +876,8 @@ impl Experts {
     /// Expert `e`'s MLP on its token rows `[rows, H]`.
     fn expert_forward(&self, e: usize, rows: Tensor<2>) -> Tensor<2> {
         let [_, hidden, inter] = self.shape;
-        let update = self
-            .gate_up_lora
-            .as_ref()
-            .map(|lora| lora.expert_forward(e, rows.clone()));
+        let update =
+            active_lora(&self.gate_up_lora).map(|lora| lora.expert_forward(e, rows.clone()));
         let mut h = self.gate_up.matrix().forward_expert(e, rows, 2 * inter);
         if let Some(update) = update {
             h = h + update;
@@ -898,10 +896,8 @@ impl Experts {
                 up.add_scalar(1.0) * glu
             }
         };
-        let update = self
-            .down_lora
-            .as_ref()
-            .map(|lora| lora.expert_forward(e, activated.clone()));
+        let update =
+            active_lora(&self.down_lora).map(|lora| lora.expert_forward(e, activated.clone()));
         let mut out = self.down.matrix().forward_expert(e, activated, hidden);
         if let Some(update) = update {
             out = out + update;
@@ -921,7 +917,7 @@ impl Experts {
         weights: Tensor<2>,
     ) -> Option<Tensor<2>> {
         // The kernels read the stacked weights alone.
-        if self.lora_adapters().next().is_some() {
+        if active_lora(&self.gate_up_lora).is_some() || active_lora(&self.down_lora).is_some() {
             return None;
         }
         let stacked = StackedExperts {

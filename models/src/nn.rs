@@ -57,7 +57,9 @@ pub struct Linear {
     #[module(skip)]
     pub quantized: Option<QuantLinear>,
     pub bias: Option<Param<Tensor<1>>>,
-    pub lora: Option<LoraAdapter>,
+    /// LoRA adapters, one per loaded adapter that targets this layer; the one of the
+    /// thread's active slot applies ([`with_lora_slot`]).
+    pub lora: Vec<LoraAdapter>,
 }
 
 /// A low-rank update of a linear layer: `y += scale · (x·A)·B`, `A` `[in, r]`, `B`
@@ -83,6 +85,9 @@ pub struct LoraAdapter {
     /// module (PEFT's `target_parameters`), e.g. `model.layers.0.mlp.experts.gate_up_proj`.
     #[module(skip)]
     pub parameter: Option<String>,
+    /// Which of the model's loaded adapters this is ([`with_lora_slot`]).
+    #[module(skip)]
+    pub slot: usize,
 }
 
 /// A LoRA adapter's factors as a [`WeightSource`] hands them over, in PEFT's layout.
@@ -96,6 +101,8 @@ pub struct LoraWeights {
     pub scale: f32,
     /// PEFT's `lora_dropout`, applied only while training.
     pub dropout: f64,
+    /// Which of the model's loaded adapters these factors belong to ([`with_lora_slot`]).
+    pub slot: usize,
 }
 
 impl LoraWeights {
@@ -119,6 +126,7 @@ impl LoraWeights {
             b: TensorData::new(vec![0f32; out_features * rank], [out_features, rank]),
             scale,
             dropout,
+            slot: 0,
         }
     }
 }
@@ -154,6 +162,7 @@ impl LoraAdapter {
             dropout: weights.dropout,
             experts: 1,
             parameter: None,
+            slot: weights.slot,
         })
     }
 
@@ -276,6 +285,33 @@ pub fn peft_parameter_key_path(
 }
 
 thread_local! {
+    /// The adapter slot this thread's forward passes apply: unset (slot 0, the adapter
+    /// given at load), `Some(None)` (the base alone) or `Some(Some(slot))`.
+    static ACTIVE_SLOT: std::cell::Cell<Option<Option<usize>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the adapter of `slot` applied by every forward pass this thread makes
+/// (`None`: the base model alone), so one base serves several adapters, chosen per
+/// request. Outside such a call slot 0 (the adapter given at load) applies.
+pub fn with_lora_slot<R>(slot: Option<usize>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Option<usize>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ACTIVE_SLOT.with(|active| active.set(self.0));
+        }
+    }
+    let _restore = Restore(ACTIVE_SLOT.with(|active| active.replace(Some(slot))));
+    f()
+}
+
+/// The adapter among `adapters` that applies on this thread now, if any.
+pub fn active_lora(adapters: &[LoraAdapter]) -> Option<&LoraAdapter> {
+    let slot = ACTIVE_SLOT.with(|active| active.get()).unwrap_or(Some(0))?;
+    adapters.iter().find(|adapter| adapter.slot == slot)
+}
+
+thread_local! {
     /// This thread's LoRA dropout: its seed and the generator of the current layer.
     static DROPOUT: std::cell::RefCell<Option<(u64, rand::rngs::StdRng)>> =
         const { std::cell::RefCell::new(None) };
@@ -345,9 +381,9 @@ impl Linear {
             None
         };
         let mut linear = Self::from_weight(weight, bias, device);
-        if let Some(lora) = source.lora(prefix, in_features, out_features)? {
+        for lora in source.lora(prefix, in_features, out_features)? {
             let adapter = LoraAdapter::new(prefix, lora, in_features, out_features, device)?;
-            linear.lora = Some(adapter);
+            linear.lora.push(adapter);
         }
         Ok(linear)
     }
@@ -364,7 +400,7 @@ impl Linear {
                 weight: None,
                 quantized: Some(QuantLinear::new(matrix, device)),
                 bias,
-                lora: None,
+                lora: Vec::new(),
             },
         }
     }
@@ -381,28 +417,27 @@ impl Linear {
             weight: Some(Param::from_tensor(weight)),
             quantized: None,
             bias,
-            lora: None,
+            lora: Vec::new(),
         }
     }
 
-    /// Folds the adapter into an f32 weight (`W + s·A·B`) and drops it; a quantized
+    /// Folds the adapters into an f32 weight (`W + s·A·B`) and drops them; a quantized
     /// weight with an adapter is refused.
     pub fn merge_lora(&mut self) -> Result<(), ModelError> {
-        let Some(lora) = self.lora.take() else {
-            return Ok(());
-        };
-        let Some(weight) = &mut self.weight else {
-            return Err(unmergeable(&lora));
-        };
-        let [input, out] = weight.val().dims();
-        let delta = lora.stacked_delta().reshape([input, out]);
-        *weight = Param::from_tensor(weight.val() + delta);
+        for lora in std::mem::take(&mut self.lora) {
+            let Some(weight) = &mut self.weight else {
+                return Err(unmergeable(&lora));
+            };
+            let [input, out] = weight.val().dims();
+            let delta = lora.stacked_delta().reshape([input, out]);
+            *weight = Param::from_tensor(weight.val() + delta);
+        }
         Ok(())
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
-        let lora = self.lora.as_ref().map(|adapter| adapter.update(x.clone()));
+        let lora = active_lora(&self.lora).map(|adapter| adapter.update(x.clone()));
         match (&self.weight, &self.quantized) {
             (Some(weight), _) => {
                 let y = burn::tensor::module::linear(x, weight.val(), bias);

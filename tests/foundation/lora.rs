@@ -96,6 +96,100 @@ fn merged_adapter_gives_peft_logits() {
     assert!(err.to_string().contains("needs an adapter"), "{err}");
 }
 
+/// Two PEFT adapters loaded by name beside one tiny-mixtral (one on attention, one on the
+/// experts and routers), chosen per request: each gives its own PEFT logits, no choice
+/// gives the base model's (transformers' reference), and two threads using different
+/// adapters at once each get theirs. An unknown name is a typed error.
+#[test]
+fn named_adapters_are_chosen_per_request() {
+    let names = ["attention", "experts"];
+    let dirs = ["tiny-mixtral-lora", "tiny-mixtral-lora-experts"].map(|d| fixtures().join(d));
+    let options = LoadOptions {
+        named_adapters: names
+            .iter()
+            .zip(&dirs)
+            .map(|(name, dir)| (name.to_string(), dir.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    let model = Model::load_with(
+        fixtures().join("tiny-mixtral"),
+        &flex(),
+        options,
+        &mut |_| {},
+    )
+    .expect("load with named adapters");
+    assert_eq!(model.adapter_names().collect::<Vec<_>>(), names);
+    let base = reference(&fixtures().join("tiny-mixtral/reference.safetensors"));
+    let prompt = ids(&base["prompt_ids"].1);
+    let expected: Vec<Reference> = dirs
+        .iter()
+        .map(|dir| reference(&dir.join("reference.safetensors")))
+        .collect();
+    let logits = |name: Option<&str>| {
+        model
+            .with_adapter(name, |model| model.logits(&prompt))
+            .expect("known adapter")
+            .expect("forward")
+    };
+    for (name, reference) in names.iter().zip(&expected) {
+        let diff = max_abs_diff(&logits(Some(name)), &reference["logits"].1);
+        assert!(diff < 1e-4, "{name}: logits differ from PEFT's by {diff}");
+    }
+    let diff = max_abs_diff(&logits(None), &base["logits"].1);
+    assert!(
+        diff < 1e-4,
+        "no adapter: logits differ from transformers' by {diff}"
+    );
+    // No load-time adapter: outside `with_adapter` the base model runs.
+    let diff = max_abs_diff(&model.logits(&prompt).unwrap(), &base["logits"].1);
+    assert!(
+        diff < 1e-4,
+        "default: logits differ from the base model's by {diff}"
+    );
+
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = names
+            .iter()
+            .zip(&expected)
+            .map(|(name, reference)| {
+                let logits = &logits;
+                scope.spawn(move || {
+                    for _ in 0..3 {
+                        let diff = max_abs_diff(&logits(Some(name)), &reference["logits"].1);
+                        assert!(diff < 1e-4, "{name} beside another adapter: off by {diff}");
+                    }
+                })
+            })
+            .collect();
+        for run in runs {
+            run.join().expect("thread");
+        }
+    });
+
+    let err = model
+        .with_adapter(Some("nope"), |_| ())
+        .expect_err("unknown adapter");
+    assert!(
+        matches!(err, Error::UnknownAdapter { ref name, .. } if name == "nope"),
+        "{err}"
+    );
+    let merged = LoadOptions {
+        adapter: Some(dirs[0].clone()),
+        merge_adapter: true,
+        named_adapters: vec![("experts".into(), dirs[1].clone())],
+        ..Default::default()
+    };
+    let err = Model::load_with(
+        fixtures().join("tiny-mixtral"),
+        &flex(),
+        merged,
+        &mut |_| {},
+    )
+    .expect_err("merge with named adapters");
+    assert!(err.to_string().contains("one adapter"), "{err}");
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn peft_adapter_gives_peft_logits_on_wgpu() {
