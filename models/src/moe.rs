@@ -646,7 +646,7 @@ impl Experts {
                 let down_bias = stacked(source, &name, &[experts, hidden])?;
                 let module = transformers_module_path(&format!("{prefix}.experts"));
                 let gate_up_shape = [experts, 2 * inter, hidden];
-                if source
+                if !source
                     .parameter_lora(&module, "gate_up_proj", &EXPERT_PARAMETERS, gate_up_shape)?
                     .is_empty()
                 {

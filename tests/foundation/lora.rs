@@ -267,6 +267,21 @@ fn adapters_that_do_not_fit_are_refused() {
     std::fs::write(copy.join("adapter_model.safetensors"), bad).unwrap();
     let err = write(&config);
     assert!(err.to_string().contains("lora_A"), "{err}");
+
+    // GPT-OSS interleaves gate and up columns: LoRA on its experts is refused, not wrong.
+    let spec = moera::engine::adapter::LoraSpec::new(4, 8.0)
+        .target_parameters(["mlp.experts.gate_up_proj"]);
+    let options = LoadOptions {
+        new_adapter: Some(spec),
+        ..Default::default()
+    };
+    let err = refused(Model::load_with(
+        fixtures().join("tiny-gpt-oss"),
+        &flex(),
+        options,
+        &mut |_| {},
+    ));
+    assert!(err.to_string().contains("interleaved"), "{err}");
 }
 
 /// The fixture's training batch: token ids and labels (−100: not scored), `[2][10]`.
