@@ -14,6 +14,9 @@ use moera::engine::hub::resolve_model;
 use moera::engine::train::{Checkpointing, Trainer, TrainingConfig, TrainingStrategy};
 use rand::{Rng, SeedableRng};
 
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 /// `VmRSS` and `VmHWM` (peak) of this process in MiB, from /proc/self/status.
 fn memory_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -28,6 +31,7 @@ fn memory_mib() -> (f64, f64) {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

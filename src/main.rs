@@ -15,6 +15,8 @@ use moera::engine::{
     TokenEvent,
 };
 
+mod allocator;
+
 #[derive(Parser)]
 #[command(
     name = "moera",
@@ -365,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
