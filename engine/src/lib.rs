@@ -21,6 +21,7 @@ pub mod adapter;
 pub mod chat;
 pub mod dataset;
 pub mod device;
+pub mod embed;
 pub mod error;
 pub mod generate;
 pub mod gguf;

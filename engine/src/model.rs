@@ -472,7 +472,7 @@ pub(crate) fn to_f32_vec(data: TensorData) -> Result<Vec<f32>, ModelError> {
     })
 }
 
-fn read_json(path: &Path) -> Result<Json> {
+pub(crate) fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -483,7 +483,7 @@ fn read_json(path: &Path) -> Result<Json> {
     })
 }
 
-fn read_optional_json(path: &Path) -> Result<Option<Json>> {
+pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Json>> {
     if path.exists() {
         read_json(path).map(Some)
     } else {

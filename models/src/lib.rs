@@ -4,6 +4,7 @@
 //! names, whatever the file format) and runs as a [`CausalLm`] over a [`KvCache`].
 
 pub mod attention;
+pub mod bert;
 pub mod cache;
 pub mod config;
 pub mod decoder;

@@ -71,12 +71,23 @@ pub fn flex() -> Device {
 
 /// The SmolLM2 GGUF from the model cache, or `None` (with a note) when it was not fetched.
 pub fn smollm2_path() -> Option<PathBuf> {
-    let path = moera::engine::hub::resolve_model("smollm2");
+    cached_model("smollm2")
+}
+
+/// all-MiniLM-L6-v2's folder from the model cache, or `None` (with a note).
+pub fn minilm_path() -> Option<PathBuf> {
+    cached_model("minilm")
+}
+
+/// A default model (`scripts/fetch-models.sh`) by its alias, or `None` (with a note) when it
+/// was not fetched.
+fn cached_model(alias: &str) -> Option<PathBuf> {
+    let path = moera::engine::hub::resolve_model(alias);
     if path.exists() {
         Some(path)
     } else {
         eprintln!(
-            "SKIPPED: SmolLM2 is not in the model cache ({}); run scripts/fetch-models.sh",
+            "SKIPPED: {alias} is not in the model cache ({}); run scripts/fetch-models.sh",
             path.display()
         );
         None

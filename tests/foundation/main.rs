@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod embeddings;
 mod generation;
 mod gguf;
 mod llama_parity;
