@@ -427,7 +427,23 @@ impl AdapterWeights {
         shape: [usize; 3],
     ) -> std::result::Result<Option<(String, LoraWeights)>, ModelError> {
         match self {
-            Self::Peft(adapter) => adapter.parameter_lora(module, parameter, declared),
+            Self::Peft(adapter) => {
+                let found = adapter.parameter_lora(module, parameter, declared)?;
+                // One rank-r pair per expert: another expert count is another model.
+                if let Some((key_path, weights)) = &found {
+                    let rows = weights.a.shape().first().copied().unwrap_or(0);
+                    if rows != adapter.config.r * shape[0] {
+                        return Err(ModelError::Weights {
+                            name: format!("{key_path}.lora_A.weight"),
+                            reason: format!(
+                                "{rows} rows, not r = {} for each of {} experts",
+                                adapter.config.r, shape[0]
+                            ),
+                        });
+                    }
+                }
+                Ok(found)
+            }
             Self::Fresh(fresh) => Ok(fresh.parameter_lora(module, parameter, declared, shape)),
         }
     }
@@ -609,8 +625,9 @@ pub(crate) fn save(
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        // PEFT takes no module list (null) when only parameters are adapted.
-        "target_modules": (!targets.is_empty()).then_some(targets),
+        // An empty list when only parameters are adapted: PEFT reads null as "the model
+        // type's default modules".
+        "target_modules": targets,
         "target_parameters": (!parameters.is_empty()).then_some(parameters),
         "base_model_name_or_path": config
             .base_model_name_or_path

@@ -92,28 +92,51 @@ impl BertEmbedder {
         let pooling = match read_optional_json(&pooling_path)? {
             None => Pooling::Mean,
             Some(c) => {
-                let on = |key: &str| c.get(key).and_then(Json::as_bool) == Some(true);
-                match (on("pooling_mode_mean_tokens"), on("pooling_mode_cls_token")) {
-                    (true, false) => Pooling::Mean,
-                    (false, true) => Pooling::Cls,
+                // Every `pooling_mode_*` flag that is on: exactly one of the two we run.
+                let on: Vec<&str> = c
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(key, value)| {
+                        key.starts_with("pooling_mode_") && value == &&Json::Bool(true)
+                    })
+                    .map(|(key, _)| key.as_str())
+                    .collect();
+                match on.as_slice() {
+                    ["pooling_mode_mean_tokens"] => Pooling::Mean,
+                    ["pooling_mode_cls_token"] => Pooling::Cls,
                     _ => {
                         return Err(Error::Config {
                             path: pooling_path,
-                            reason: "only mean or CLS pooling is supported".into(),
+                            reason: format!(
+                                "pooling {on:?}: only mean or CLS pooling is supported"
+                            ),
                         });
                     }
                 }
             }
         };
-        let normalize = read_optional_json(&dir.join("modules.json"))?.is_some_and(|modules| {
-            modules.as_array().is_some_and(|list| {
-                list.iter().any(|m| {
-                    m.get("type")
-                        .and_then(Json::as_str)
-                        .is_some_and(|t| t.ends_with(".Normalize"))
-                })
-            })
-        });
+        let modules_path = dir.join("modules.json");
+        let mut normalize = false;
+        if let Some(modules) = read_optional_json(&modules_path)? {
+            for module in modules.as_array().into_iter().flatten() {
+                let kind = module
+                    .get("type")
+                    .and_then(Json::as_str)
+                    .unwrap_or_default();
+                match kind.rsplit('.').next() {
+                    Some("Transformer" | "Pooling") => {}
+                    Some("Normalize") => normalize = true,
+                    _ => {
+                        // A Dense projection, say, would change the vectors: refuse.
+                        return Err(Error::Config {
+                            path: modules_path,
+                            reason: format!("module {kind:?} is not supported"),
+                        });
+                    }
+                }
+            }
+        }
         Ok(Self {
             model,
             tokenizer,

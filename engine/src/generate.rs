@@ -38,6 +38,11 @@ pub struct GenerationRequest {
     /// Record each MoE layer's expert choices ([`Generation::router_trace`]).
     #[serde(default)]
     pub record_routing: bool,
+    /// A named adapter to generate with ([`crate::LoadOptions::named_adapters`]); `None`
+    /// keeps the calling thread's choice ([`Model::with_adapter`], else the adapter given at
+    /// load, if any).
+    #[serde(default)]
+    pub adapter: Option<String>,
 }
 
 impl GenerationRequest {
@@ -49,6 +54,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             stop_at_eos: true,
             record_routing: false,
+            adapter: None,
         }
     }
 
@@ -134,6 +140,8 @@ pub struct Generation<'a> {
     finished: bool,
     pending_done: Option<TokenEvent>,
     routing: Option<RouterTrace>,
+    /// The adapter slot every forward pass applies, fixed when the generation starts.
+    lora_slot: Option<usize>,
 }
 
 impl Model {
@@ -156,6 +164,10 @@ impl Model {
 
     /// Starts a generation; tokens come as the iterator is advanced.
     pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<'_>> {
+        let lora_slot = match &request.adapter {
+            Some(name) => Some(self.adapter_slot(name)?),
+            None => moera_models::nn::active_lora_slot(),
+        };
         let sampler = Sampler::new(request.sampling.clone())?;
         let ids = self.prompt_ids(&request.prompt)?;
         let context = self.max_context();
@@ -187,6 +199,7 @@ impl Model {
             finished: false,
             pending_done: None,
             routing: request.record_routing.then(RouterTrace::default),
+            lora_slot,
         })
     }
 
@@ -209,18 +222,22 @@ impl Model {
     ) -> futures_channel::mpsc::UnboundedReceiver<Result<TokenEvent>> {
         let (sender, receiver) = futures_channel::mpsc::unbounded();
         let model = Arc::clone(self);
-        std::thread::spawn(move || match model.generate(&request) {
-            Ok(generation) => {
-                for event in generation {
-                    // A dropped receiver cancels the generation.
-                    if sender.unbounded_send(event).is_err() {
-                        break;
+        // The caller's adapter choice, for the generating thread.
+        let slot = moera_models::nn::active_lora_slot();
+        std::thread::spawn(move || {
+            moera_models::nn::with_lora_slot(slot, || match model.generate(&request) {
+                Ok(generation) => {
+                    for event in generation {
+                        // A dropped receiver cancels the generation.
+                        if sender.unbounded_send(event).is_err() {
+                            break;
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                let _ = sender.unbounded_send(Err(e));
-            }
+                Err(e) => {
+                    let _ = sender.unbounded_send(Err(e));
+                }
+            })
         });
         receiver
     }
@@ -270,12 +287,14 @@ impl Generation<'_> {
         let fed = self.cache.len();
         let new = &self.tokens[fed..];
         let input = token_tensor(new, 1, &self.model.device());
-        let logits = self.model.inner.forward_traced(
-            input,
-            &mut self.cache,
-            LogitsMode::Last,
-            self.routing.as_mut(),
-        )?;
+        let logits = moera_models::nn::with_lora_slot(self.lora_slot, || {
+            self.model.inner.forward_traced(
+                input,
+                &mut self.cache,
+                LogitsMode::Last,
+                self.routing.as_mut(),
+            )
+        })?;
         let mut logits = to_f32_vec(logits.into_data())?;
         Ok(self.sampler.sample(&mut logits, &self.tokens))
     }

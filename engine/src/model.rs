@@ -74,8 +74,9 @@ pub struct LoadOptions {
     /// A new LoRA adapter (PEFT's initialization) to train; excludes `adapter`.
     pub new_adapter: Option<LoraSpec>,
     /// Fold `adapter` into the weights (`W + s·B·A`, as PEFT's `merge_and_unload`): the
-    /// adapted layers become f32 (or are quantized again by an in-situ `quantization`) and
-    /// run without the extra low-rank product.
+    /// adapted linear layers become f32 (or are quantized again by an in-situ
+    /// `quantization`) and run without the extra low-rank product. Adapters on routers and
+    /// experts fold into f32 weights only: into quantized experts they are refused.
     pub merge_adapter: bool,
     /// More PEFT adapters loaded beside the base by name, sharing its weights, each applied
     /// only where a request chooses it ([`Model::with_adapter`]), as vLLM serves several
@@ -303,31 +304,39 @@ impl Model {
     /// let logits = model.with_adapter(Some("sql"), |model| model.logits(&[1, 2, 3]))??;
     /// # Ok(()) }
     /// ```
-    pub fn with_adapter<R>(&self, name: Option<&str>, f: impl FnOnce(&Self) -> R) -> Result<R> {
-        let slot = match name {
-            None => None,
-            Some(name) => Some(
-                self.named_adapters
-                    .iter()
-                    .find(|(known, _)| known == name)
-                    .map(|&(_, slot)| slot)
-                    .ok_or_else(|| Error::UnknownAdapter {
-                        name: name.to_string(),
-                        loaded: self.adapter_names().map(str::to_string).collect(),
-                    })?,
-            ),
-        };
+    pub fn with_adapter<'a, R>(
+        &'a self,
+        name: Option<&str>,
+        f: impl FnOnce(&'a Self) -> R,
+    ) -> Result<R> {
+        let slot = name.map(|name| self.adapter_slot(name)).transpose()?;
         Ok(moera_models::nn::with_lora_slot(slot, || f(self)))
     }
 
-    /// Writes the model's LoRA adapters in PEFT's format to `dir` (created if missing):
-    /// `adapter_model.safetensors` with `base_model.model.{module}.lora_A.weight` `[r, in]`
-    /// and `lora_B.weight` `[out, r]` in f32, and `adapter_config.json`.
+    /// The slot of the named adapter.
+    pub(crate) fn adapter_slot(&self, name: &str) -> Result<usize> {
+        self.named_adapters
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|&(_, slot)| slot)
+            .ok_or_else(|| Error::UnknownAdapter {
+                name: name.to_string(),
+                loaded: self.adapter_names().map(str::to_string).collect(),
+            })
+    }
+
+    /// Writes the adapter given at load (or trained) in PEFT's format to `dir` (created if
+    /// missing): `adapter_model.safetensors` with `base_model.model.{module}.lora_A.weight`
+    /// `[r, in]` (`[r·E, in]` on `E` stacked experts) and `lora_B.weight` `[out, r]` in f32,
+    /// and `adapter_config.json`. Named adapters are not saved (they are files already).
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let config = self
-            .adapter_config
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
+        let config = self.adapter_config.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "the model has no adapter given at load or trained to save (named adapters \
+                 are saved as they were loaded)"
+                    .into(),
+            )
+        })?;
         let adapters: Vec<_> = self
             .inner
             .lora_adapters()

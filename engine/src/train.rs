@@ -932,7 +932,7 @@ impl ModuleVisitor for ScaleGrads<'_> {
     }
 }
 
-/// The trainable parameters' values by module path (`layers.0.self_attn...lora.a`).
+/// The trainable parameters' values by module path (`layers.0.self_attn...lora.0.a`).
 #[derive(Default)]
 struct CollectTrainable {
     path: Vec<String>,

@@ -128,13 +128,10 @@ impl QuantLinear {
                 self.inner.group,
                 self.inner.format.has_offsets(),
             ),
-            _ => {
-                let y = self.forward_rows(x, 0..rows);
-                match lora {
-                    Some(update) => y + update.apply(),
-                    None => y,
-                }
-            }
+            _ => match lora {
+                Some(update) => self.forward_rows(x.clone(), 0..rows) + update.apply(x),
+                None => self.forward_rows(x, 0..rows),
+            },
         };
         let mut out = dims;
         out[D - 1] = rows;
@@ -252,28 +249,33 @@ impl QuantLinear {
     }
 }
 
-/// A LoRA update `scale · (input·a)·b` to add to a linear layer's output: `input` is the
-/// layer's input (after dropout while training), `a` `[in, r]`, `b` `[r, out]`.
+/// A LoRA update `scale · (input·a)·b` to add to a linear layer's output, `a` `[in, r]`,
+/// `b` `[r, out]`. `input` is the adapter's own input (the layer's after dropout, while
+/// training), or `None` for the layer's input itself: then the fused backward computes
+/// both input gradients in one pass.
 #[derive(Debug, Clone)]
 pub struct LoraUpdate<const D: usize> {
-    pub input: Tensor<D>,
+    pub input: Option<Tensor<D>>,
     pub a: Tensor<2>,
     pub b: Tensor<2>,
     pub scale: f32,
 }
 
 impl<const D: usize> LoraUpdate<D> {
-    /// The update computed with burn ops (the reference of the fused kernels).
-    pub fn apply(self) -> Tensor<D> {
-        let down = burn::tensor::module::linear(self.input, self.a, None);
+    /// The update of the layer input `x` computed with burn ops (the reference of the
+    /// fused kernels).
+    pub fn apply(self, x: Tensor<D>) -> Tensor<D> {
+        let down = burn::tensor::module::linear(self.input.unwrap_or(x), self.a, None);
         burn::tensor::module::linear(down, self.b, None).mul_scalar(self.scale)
     }
 
     /// The same update on the input's `tokens` rows as a matrix.
     fn flatten(self, tokens: usize) -> LoraUpdate<2> {
-        let width = self.input.dims()[D - 1];
         LoraUpdate {
-            input: self.input.reshape([tokens, width]),
+            input: self.input.map(|input| {
+                let width = input.dims()[D - 1];
+                input.reshape([tokens, width])
+            }),
             a: self.a,
             b: self.b,
             scale: self.scale,

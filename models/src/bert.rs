@@ -19,7 +19,7 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     pub max_position_embeddings: usize,
-    #[serde(default = "one")]
+    #[serde(default = "two")]
     pub type_vocab_size: usize,
     #[serde(default = "layer_norm_eps")]
     pub layer_norm_eps: f64,
@@ -29,8 +29,8 @@ pub struct BertConfig {
     pub position_embedding_type: String,
 }
 
-fn one() -> usize {
-    1
+fn two() -> usize {
+    2
 }
 
 fn layer_norm_eps() -> f64 {

@@ -645,15 +645,17 @@ impl Experts {
                 let name = format!("{prefix}.experts.down_proj_bias");
                 let down_bias = stacked(source, &name, &[experts, hidden])?;
                 let module = transformers_module_path(&format!("{prefix}.experts"));
-                let gate_up_shape = [experts, 2 * inter, hidden];
-                if !source
-                    .parameter_lora(&module, "gate_up_proj", &EXPERT_PARAMETERS, gate_up_shape)?
-                    .is_empty()
-                {
-                    return Err(ModelError::Weights {
-                        name: format!("{module}.gate_up_proj"),
-                        reason: "LoRA on interleaved (GPT-OSS) experts is not supported".into(),
-                    });
+                let shapes = [[experts, 2 * inter, hidden], [experts, hidden, inter]];
+                for (parameter, shape) in EXPERT_PARAMETERS.into_iter().zip(shapes) {
+                    if !source
+                        .parameter_lora(&module, parameter, &EXPERT_PARAMETERS, shape)?
+                        .is_empty()
+                    {
+                        return Err(ModelError::Weights {
+                            name: format!("{module}.{parameter}"),
+                            reason: "LoRA on interleaved (GPT-OSS) experts is not supported".into(),
+                        });
+                    }
                 }
                 return Self::from_stacked(
                     shape,

@@ -234,19 +234,12 @@ impl LoraAdapter {
         a.matmul(b).mul_scalar(self.scale)
     }
 
-    /// `scale · (dropout(x)·A)·B`; dropout only while [`lora_dropout`] is on (training),
-    /// as PEFT drops only in training mode.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.update(x).apply()
-    }
-
-    /// The update's operands for input `x`, dropout applied: for a quantized layer's fused
-    /// kernel, or [`LoraUpdate::apply`].
-    pub fn update<const D: usize>(&self, x: Tensor<D>) -> LoraUpdate<D> {
-        let input = match lora_dropout_mask(x.shape(), self.dropout, &x.device()) {
-            Some(mask) => x * mask,
-            None => x,
-        };
+    /// The update `scale · (dropout(x)·A)·B` for the layer input `x`, for a quantized
+    /// layer's fused kernel or [`LoraUpdate::apply`]; dropout only while [`lora_dropout`]
+    /// is on (training), as PEFT drops only in training mode.
+    pub fn update<const D: usize>(&self, x: &Tensor<D>) -> LoraUpdate<D> {
+        let input =
+            lora_dropout_mask(x.shape(), self.dropout, &x.device()).map(|mask| x.clone() * mask);
         LoraUpdate {
             input,
             a: self.a.val(),
@@ -305,9 +298,14 @@ pub fn with_lora_slot<R>(slot: Option<usize>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The adapter slot forward passes on this thread apply now (`None`: the base alone).
+pub fn active_lora_slot() -> Option<usize> {
+    ACTIVE_SLOT.with(|active| active.get()).unwrap_or(Some(0))
+}
+
 /// The adapter among `adapters` that applies on this thread now, if any.
 pub fn active_lora(adapters: &[LoraAdapter]) -> Option<&LoraAdapter> {
-    let slot = ACTIVE_SLOT.with(|active| active.get()).unwrap_or(Some(0))?;
+    let slot = active_lora_slot()?;
     adapters.iter().find(|adapter| adapter.slot == slot)
 }
 
@@ -437,15 +435,14 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
-        let lora = active_lora(&self.lora).map(|adapter| adapter.update(x.clone()));
+        let lora = active_lora(&self.lora).map(|adapter| adapter.update(&x));
         match (&self.weight, &self.quantized) {
-            (Some(weight), _) => {
-                let y = burn::tensor::module::linear(x, weight.val(), bias);
-                match lora {
-                    Some(update) => y + update.apply(),
-                    None => y,
+            (Some(weight), _) => match lora {
+                Some(update) => {
+                    burn::tensor::module::linear(x.clone(), weight.val(), bias) + update.apply(x)
                 }
-            }
+                None => burn::tensor::module::linear(x, weight.val(), bias),
+            },
             // The quantized kernels take the adapter's update into the same pass.
             (None, Some(quantized)) => {
                 let y = quantized.forward_with_lora(x, lora);

@@ -98,6 +98,25 @@ fn unusable_embedding_models_are_refused() {
     assert!(msg.contains("hidden_act"), "{msg}");
     let msg = with("hidden_size", 96.into());
     assert!(msg.contains("but the config implies"), "{msg}");
+    // Modules or pooling that would change the vectors are refused, not skipped.
+    std::fs::write(
+        copy.join("modules.json"),
+        r#"[{"type": "sentence_transformers.models.Transformer"},
+            {"type": "sentence_transformers.models.Dense"}]"#,
+    )
+    .unwrap();
+    let msg = with("hidden_size", 384.into());
+    assert!(msg.contains("Dense"), "{msg}");
+    std::fs::remove_file(copy.join("modules.json")).unwrap();
+    std::fs::create_dir(copy.join("1_Pooling")).unwrap();
+    std::fs::write(
+        copy.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": true}"#,
+    )
+    .unwrap();
+    let msg = with("hidden_size", 384.into());
+    assert!(msg.contains("pooling_mode_max_tokens"), "{msg}");
+    std::fs::remove_dir_all(copy.join("1_Pooling")).unwrap();
     std::fs::remove_file(copy.join("model.safetensors")).unwrap();
     let msg = with("hidden_size", 384.into());
     assert!(msg.contains("safetensors"), "{msg}");

@@ -167,6 +167,52 @@ fn named_adapters_are_chosen_per_request() {
         }
     });
 
+    // Generation: the adapter named in the request, or chosen when the generation starts
+    // (iterated later, or streamed from another thread), decodes every token with it: the
+    // tokens of a model loaded with that adapter alone.
+    use moera::engine::{GenerationRequest, SamplingParams};
+    let alone = with_adapter("tiny-mixtral", &dirs[0], &flex()).expect("load one adapter");
+    let expected_ids = greedy_ids(&alone, &prompt, 8);
+    assert_ne!(
+        greedy_ids(&model, &prompt, 8),
+        expected_ids,
+        "the adapter changes nothing"
+    );
+    let request = GenerationRequest::ids(prompt.clone())
+        .max_tokens(8)
+        .sampling(SamplingParams::greedy());
+    let named = GenerationRequest {
+        adapter: Some("attention".into()),
+        ..request.clone()
+    };
+    assert_eq!(token_ids(model.generate(&named).unwrap()), expected_ids);
+    let started = model
+        .with_adapter(Some("attention"), |model| model.generate(&request))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        token_ids(started),
+        expected_ids,
+        "chosen at start, decoded after"
+    );
+    let shared = std::sync::Arc::new(model);
+    let stream = shared
+        .with_adapter(Some("attention"), |_| {
+            shared.generate_stream(request.clone())
+        })
+        .unwrap();
+    let streamed: Vec<_> = futures::executor::block_on_stream(stream).collect();
+    assert_eq!(token_ids(streamed.into_iter()), expected_ids, "streamed");
+    let unknown = GenerationRequest {
+        adapter: Some("nope".into()),
+        ..request
+    };
+    assert!(matches!(
+        shared.generate(&unknown).err(),
+        Some(Error::UnknownAdapter { .. })
+    ));
+    let model = shared;
+
     let err = model
         .with_adapter(Some("nope"), |_| ())
         .expect_err("unknown adapter");

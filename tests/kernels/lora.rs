@@ -42,16 +42,16 @@ fn forward_backward(
     let a = leaf(2, [cols, RANK]);
     let b = leaf(3, [RANK, rows]);
     let own_input = leaf(4, [tokens, cols]);
-    let update = |input: &Tensor<2>| LoraUpdate {
-        input: input.clone(),
+    let update = |input: Option<&Tensor<2>>| LoraUpdate {
+        input: input.cloned(),
         a: a.clone(),
         b: b.clone(),
         scale: LORA_SCALE,
     };
     let lora = match adapter {
         Adapter::None => None,
-        Adapter::SameInput => Some(update(&x)),
-        Adapter::OwnInput => Some(update(&own_input)),
+        Adapter::SameInput => Some(update(None)),
+        Adapter::OwnInput => Some(update(Some(&own_input))),
     };
     let y = linear.forward_with_lora(x.clone(), lora);
     let mut out = vec![("y", values(y.clone()))];

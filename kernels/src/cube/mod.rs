@@ -310,8 +310,10 @@ impl KernelOps for Cube {
         has_offsets: bool,
         has_lora: bool,
     ) -> CubeTensor {
+        assert_eq!(dy.dtype, DType::F32, "quantized matmul takes f32 gradients");
         let dy = into_contiguous(dy);
         let (m, n) = (dy.meta.shape()[0], dy.meta.shape()[1]);
+        assert_eq!(scales.meta.shape()[0], n, "quantized matrix rows");
         let k = codes.meta.shape()[0] / n * (32 / bits as usize);
         let weights = QuantArgs::new(codes, scales, offsets, bits, group, has_offsets);
         let lora = LoraArgs::new(down, up, lora_scale, has_lora, k);

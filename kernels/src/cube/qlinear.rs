@@ -23,7 +23,8 @@ use crate::linear::{DeviceWeights, LoraUpdate};
 pub trait QuantLinearOps: burn::backend::Backend {
     /// `x` `[m, k]` times the transposed quantized `[n, k]` matrix; with `has_lora`, plus
     /// `lora_scale · (lora_x·a)·b` (`lora_x` `[m, k]`, `a` `[k, r]`, `b` `[r, n]`; otherwise
-    /// they are not read). Gradients reach `x`, `lora_x`, `a` and `b`.
+    /// they are not read). Gradients reach `x`, `lora_x`, `a` and `b`; `same_input` says
+    /// `lora_x` is `x` (one fused input gradient).
     #[allow(clippy::too_many_arguments)]
     fn quant_linear(
         x: FloatTensor<Self>,
@@ -38,6 +39,7 @@ pub trait QuantLinearOps: burn::backend::Backend {
         group: usize,
         has_offsets: bool,
         has_lora: bool,
+        same_input: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -55,6 +57,7 @@ impl QuantLinearOps for Cube {
         group: usize,
         has_offsets: bool,
         has_lora: bool,
+        _same_input: bool,
     ) -> CubeTensor {
         let down = if has_lora {
             Cube::float_matmul(lora_x, a)
@@ -189,8 +192,8 @@ impl<B: Backend + KernelOps, C: CheckpointStrategy> QuantLinearOps for Autodiff<
         group: usize,
         has_offsets: bool,
         has_lora: bool,
+        same_input: bool,
     ) -> FloatTensor<Self> {
-        let same_input = x.id() == lora_x.id();
         let guards = [x.node(), lora_x.node(), a.node(), b.node()];
         let frozen = Frozen::<B> {
             codes,
@@ -253,9 +256,13 @@ pub fn quant_linear(
     has_offsets: bool,
 ) -> Tensor<2> {
     let has_lora = lora.is_some();
+    let same_input = lora.as_ref().is_none_or(|update| update.input.is_none());
     // Without an adapter `x` stands in for its operands (never read, no allocation).
     let (input, a, b, scale) = match lora {
-        Some(update) => (update.input, update.a, update.b, update.scale),
+        Some(update) => {
+            let input = update.input.unwrap_or_else(|| x.clone());
+            (input, update.a, update.b, update.scale)
+        }
         None => (x.clone(), x.clone(), x.clone(), 0.0),
     };
     let out = <Dispatch as QuantLinearOps>::quant_linear(
@@ -271,6 +278,7 @@ pub fn quant_linear(
         group,
         has_offsets,
         has_lora,
+        same_input,
     );
     Tensor::from_dispatch(out)
 }
