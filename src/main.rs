@@ -1,6 +1,7 @@
 //! The `moera` command line.
 
 mod index_cli;
+mod rag_cli;
 mod train_cli;
 
 use std::io::{BufRead, Write};
@@ -43,6 +44,13 @@ enum Command {
     /// Build or query a vector index.
     #[command(subcommand)]
     Index(index_cli::IndexCommand),
+    /// Add a folder of .txt, .md and .html files to a collection (changed files replace
+    /// their chunks, unchanged ones are skipped).
+    Ingest(rag_cli::IngestArgs),
+    /// Retrieve and rerank the passages of a collection that answer a question.
+    Search(rag_cli::SearchArgs),
+    /// Answer a question from a collection, citing the passages used.
+    Ask(Box<rag_cli::AskArgs>),
 }
 
 #[derive(Args)]
@@ -271,6 +279,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Index(command) => index_cli::run(command),
         Command::Train(args) => train_cli::train(&args),
+        Command::Ingest(args) => rag_cli::ingest(&args),
+        Command::Search(args) => rag_cli::search(&args),
+        Command::Ask(args) => rag_cli::ask(&args),
         Command::Generate(args) => {
             let model = load(&args.model)?;
             let prompt = match (&args.prompt_ids, &args.prompt) {

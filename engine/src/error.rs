@@ -94,6 +94,22 @@ pub enum Error {
     UnknownQuantization(String),
     #[error(transparent)]
     Runtime(#[from] ModelError),
+    #[error("the question is empty")]
+    EmptyQuestion,
+    #[error(
+        "{collection}: the collection holds {collection_dim}-dimensional vectors, the embedder makes {embedder_dim}"
+    )]
+    DimensionMismatch {
+        collection: PathBuf,
+        collection_dim: usize,
+        embedder_dim: usize,
+    },
+    #[error(transparent)]
+    Index(#[from] moera_index::StoreError),
+    #[error("generation is unavailable (circuit breaker open); retry in {retry_after:?}")]
+    ServiceUnavailable { retry_after: std::time::Duration },
+    #[error("setting {variable}: {reason}")]
+    Settings { variable: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

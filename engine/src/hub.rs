@@ -3,12 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
+/// moera's home: `$MOERA_HOME`, default [`default_moera_home`].
+pub fn moera_home() -> PathBuf {
+    std::env::var_os("MOERA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_moera_home)
+}
+
+/// moera's home when `MOERA_HOME` is not set: `~/.cache/moera`.
+pub fn default_moera_home() -> PathBuf {
+    home_dir().join(".cache").join("moera")
+}
+
 /// The model cache: `$MOERA_HOME/models`, default `~/.cache/moera/models`.
 pub fn model_cache_dir() -> PathBuf {
-    let home = std::env::var_os("MOERA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home_dir().join(".cache").join("moera"));
-    home.join("models")
+    moera_home().join("models")
 }
 
 fn home_dir() -> PathBuf {

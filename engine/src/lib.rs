@@ -29,6 +29,7 @@ pub mod hub;
 pub mod model;
 pub mod quant;
 pub mod quantization;
+pub mod rag;
 pub mod safetensors_source;
 pub mod sampler;
 pub mod tokenizer;

@@ -1,9 +1,13 @@
 //! BERT encoders (all-MiniLM-L6-v2 and other sentence-transformers models): token, position
 //! and segment embeddings, post-norm encoder layers with full (padding-masked) attention and
-//! a GELU MLP, then mean pooling over the real tokens and L2 normalization.
+//! a GELU MLP, then mean pooling over the real tokens and L2 normalization; and
+//! `BertForSequenceClassification` (cross-encoder rerankers such as ms-marco-MiniLM): the
+//! encoder, a tanh pooler on the `[CLS]` state and a linear classifier.
+
+use std::collections::HashMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::{gelu, softmax, tanh};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
@@ -27,6 +31,15 @@ pub struct BertConfig {
     pub hidden_act: String,
     #[serde(default = "absolute")]
     pub position_embedding_type: String,
+    /// The head's class (`BertForSequenceClassification`, …); absent for some bare encoders.
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    /// The labels of a classification head, by index (`{"0": "LABEL_0"}`).
+    #[serde(default)]
+    pub id2label: Option<HashMap<String, String>>,
+    /// The number of labels, where a config states it instead of `id2label`.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
 }
 
 fn two() -> usize {
@@ -46,6 +59,16 @@ fn absolute() -> String {
 }
 
 impl BertConfig {
+    /// Outputs of a classification head: as transformers counts them, `id2label`'s size, else
+    /// `num_labels`, else 2.
+    pub fn labels(&self) -> usize {
+        match (&self.id2label, self.num_labels) {
+            (Some(labels), _) => labels.len(),
+            (None, Some(n)) => n,
+            (None, None) => 2,
+        }
+    }
+
     /// Checks the configuration describes an encoder this module runs.
     pub fn validate(&self) -> Result<(), ModelError> {
         let invalid = |reason: String| Err(ModelError::Config(reason));
@@ -215,11 +238,7 @@ impl Bert {
         device: &Device,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        let prefix = if source.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
+        let prefix = encoder_prefix(source);
         let hidden = config.hidden_size;
         let table = |name: &str, rows: usize| -> Result<Embedding, ModelError> {
             let name = format!("{prefix}embeddings.{name}.weight");
@@ -261,12 +280,23 @@ impl Bert {
     /// The last hidden states `[b, t, h]` of right-padded token ids `[b, t]`, `lengths[i]`
     /// real tokens in row `i` (segment 0 throughout).
     pub fn forward(&self, ids: Tensor<2, Int>, lengths: &[usize]) -> Tensor<3> {
+        let segments = Tensor::<2, Int>::zeros(ids.dims(), &ids.device());
+        self.forward_with_segments(ids, segments, lengths)
+    }
+
+    /// [`Bert::forward`] with segment (token type) ids `[b, t]`: for a pair
+    /// `[CLS] a [SEP] b [SEP]`, 0 up to the first `[SEP]`, 1 after it.
+    pub fn forward_with_segments(
+        &self,
+        ids: Tensor<2, Int>,
+        segments: Tensor<2, Int>,
+        lengths: &[usize],
+    ) -> Tensor<3> {
         let [batch, seq] = ids.dims();
         let device = ids.device();
         let positions = Tensor::<1, Int>::arange(0..seq as i64, &device)
             .reshape([1, seq])
             .expand([batch, seq]);
-        let segments = Tensor::<2, Int>::zeros([batch, seq], &device);
         let x = self.word_embeddings.forward(ids)
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(segments);
@@ -294,6 +324,84 @@ impl Bert {
             .sum_dim(1)
             .reshape([batch, width])
             / counts
+    }
+
+    /// The first token's (`[CLS]`) state of each row, `[b, h]`.
+    pub fn cls_pool(hidden: Tensor<3>) -> Tensor<2> {
+        let [batch, _, width] = hidden.dims();
+        hidden.narrow(1, 0, 1).reshape([batch, width])
+    }
+}
+
+/// transformers' `BertForSequenceClassification`: the encoder, the pooler (`dense` and tanh on
+/// the `[CLS]` state) and a linear classifier, `num_labels` logits per sequence.
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification {
+    bert: Bert,
+    pooler: Linear,
+    classifier: Linear,
+    #[module(skip)]
+    labels: usize,
+}
+
+impl BertForSequenceClassification {
+    /// Loads the head as transformers saves it: the encoder and `pooler.dense.*` under `bert.`
+    /// (or without the prefix), `classifier.*` at the top level.
+    pub fn load(
+        config: &BertConfig,
+        source: &dyn WeightSource,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let bert = Bert::load(config, source, device)?;
+        let hidden = config.hidden_size;
+        let labels = config.labels();
+        let prefix = encoder_prefix(source);
+        Ok(Self {
+            bert,
+            pooler: Linear::load(
+                source,
+                &format!("{prefix}pooler.dense"),
+                hidden,
+                hidden,
+                true,
+                device,
+            )?,
+            classifier: Linear::load(source, "classifier", hidden, labels, true, device)?,
+            labels,
+        })
+    }
+
+    /// The number of logits per sequence.
+    pub fn labels(&self) -> usize {
+        self.labels
+    }
+
+    /// The most tokens one sequence may have.
+    pub fn max_positions(&self) -> usize {
+        self.bert.max_positions()
+    }
+
+    /// Logits `[b, num_labels]` of right-padded token ids `[b, t]` with their segment ids,
+    /// `lengths[i]` real tokens in row `i`.
+    pub fn forward(
+        &self,
+        ids: Tensor<2, Int>,
+        segments: Tensor<2, Int>,
+        lengths: &[usize],
+    ) -> Tensor<2> {
+        let hidden = self.bert.forward_with_segments(ids, segments, lengths);
+        let pooled = tanh(self.pooler.forward(Bert::cls_pool(hidden)));
+        self.classifier.forward(pooled)
+    }
+}
+
+/// The prefix the encoder's weights are stored under: `bert.` in a `BertFor*` head's
+/// checkpoint, none in a bare `BertModel`'s.
+fn encoder_prefix(source: &dyn WeightSource) -> &'static str {
+    if source.contains("bert.embeddings.word_embeddings.weight") {
+        "bert."
+    } else {
+        ""
     }
 }
 

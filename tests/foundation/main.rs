@@ -4,11 +4,13 @@
 mod bad_input;
 mod cli;
 mod common;
+mod cross_encoder;
 mod embeddings;
 mod generation;
 mod gguf;
 mod llama_parity;
 mod lora;
 mod moe_parity;
+mod rag;
 mod smollm2;
 mod training;
