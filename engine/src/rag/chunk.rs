@@ -35,9 +35,9 @@ impl ChunkOptions {
                 "chunks need at least one token".into(),
             ));
         }
-        if self.overlap_tokens * 2 > self.max_tokens {
+        if self.overlap_tokens * 2 >= self.max_tokens && self.overlap_tokens > 0 {
             return Err(Error::InvalidArgument(format!(
-                "chunk overlap {} is more than half of the chunk size {}",
+                "chunk overlap {} is not less than half of the chunk size {}",
                 self.overlap_tokens, self.max_tokens
             )));
         }

@@ -73,14 +73,22 @@ pub fn extract(bytes: &[u8], format: Format) -> Result<Extracted, NoText> {
 /// The first ATX (`# Title`) or setext (`Title\n====`) heading.
 fn markdown_title(source: &str) -> Option<String> {
     let lines: Vec<&str> = source.lines().collect();
+    let mut in_fence = false;
     for (i, line) in lines.iter().enumerate() {
         let trimmed = line.trim();
-        if let Some(rest) = trimmed.strip_prefix('#') {
-            let title = rest
-                .trim_start_matches('#')
-                .trim()
-                .trim_end_matches('#')
-                .trim();
+        // Lines of code blocks (`#include`, shell comments) are not headings.
+        if trimmed.starts_with("```") || trimmed.starts_with("~~~") {
+            in_fence = !in_fence;
+            continue;
+        }
+        if in_fence {
+            continue;
+        }
+        // CommonMark: one to six `#` and then a space (or nothing).
+        let hashes = trimmed.len() - trimmed.trim_start_matches('#').len();
+        let rest = &trimmed[hashes..];
+        if (1..=6).contains(&hashes) && (rest.is_empty() || rest.starts_with([' ', '\t'])) {
+            let title = rest.trim().trim_end_matches('#').trim();
             if !title.is_empty() {
                 return Some(title.to_string());
             }
@@ -283,6 +291,9 @@ fn html_to_text(source: &str) -> Result<Extracted, NoText> {
             && tag
                 .attribute("http-equiv")
                 .is_some_and(|v| v.eq_ignore_ascii_case("refresh"))
+            && tag
+                .attribute("content")
+                .is_some_and(|c| c.to_ascii_lowercase().contains("url="))
         {
             return Err(NoText::Redirect);
         }
@@ -307,6 +318,10 @@ fn html_to_text(source: &str) -> Result<Extracted, NoText> {
                 .split_once('>')
                 .map_or("", |(_, after)| after);
             continue;
+        }
+        // `</head>` may be omitted: the body ends the head.
+        if name == "body" && !tag.closing {
+            skip_depth.retain(|open| open != "head");
         }
         if SKIPPED.contains(&name) && !tag.self_closing {
             if tag.closing {
@@ -489,17 +504,30 @@ fn decode_entities(text: &str) -> String {
     while let Some(at) = rest.find('&') {
         out.push_str(&rest[..at]);
         rest = &rest[at..];
-        let end = rest[1..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '#'))
-            .map(|i| i + 1)
-            .unwrap_or(rest.len());
+        // A numeric reference takes only its digits (`&#8217s` is `’s`); a named one its
+        // letters and digits.
+        let hex = rest[1..].starts_with("#x") || rest[1..].starts_with("#X");
+        let (digits_start, is_digit): (usize, fn(&char) -> bool) = if hex {
+            (3, char::is_ascii_hexdigit)
+        } else if rest[1..].starts_with('#') {
+            (2, char::is_ascii_digit)
+        } else {
+            (1, char::is_ascii_alphanumeric)
+        };
+        let end = digits_start + rest[digits_start..].chars().take_while(is_digit).count();
         let name = &rest[1..end];
-        let decoded = if let Some(number) = name.strip_prefix('#') {
-            let code = match number.strip_prefix(['x', 'X']) {
-                Some(hex) => u32::from_str_radix(hex, 16).ok(),
-                None => number.parse().ok(),
+        let decoded = if digits_start > 1 {
+            let digits = &rest[digits_start..end];
+            let code = if hex {
+                u32::from_str_radix(digits, 16).ok()
+            } else {
+                digits.parse().ok()
             };
-            code.and_then(char::from_u32)
+            // NUL and surrogates become U+FFFD, as browsers read them.
+            code.map(|c| match c {
+                0 => '\u{fffd}',
+                c => char::from_u32(c).unwrap_or('\u{fffd}'),
+            })
         } else {
             named_entity(name)
         };
@@ -622,6 +650,19 @@ let t = s;</code></pre><p>Caf&eacute; &#x263A; &#169;</p></main>
         assert_eq!(doc.text, "Intro\n=====\n\nFirst  line\nsecond\n\n# Next");
         let doc = extract(b"text\n## Heading ##\n", Format::Markdown).unwrap();
         assert_eq!(doc.title.as_deref(), Some("Heading"));
+        let markdown = b"```c\n#include <a.h>\n```\n#hashtag\n### Real\n";
+        let doc = extract(markdown, Format::Markdown).unwrap();
+        assert_eq!(doc.title.as_deref(), Some("Real"));
+    }
+
+    #[test]
+    fn omitted_head_end_auto_refresh_and_references() {
+        let page = "<html><head><title>T</title><body><p>caf\u{e9} &#8217s &#0; &#x41;&#65 &amp &bogus;</p>";
+        let doc = extract(page.as_bytes(), Format::Html).unwrap();
+        assert_eq!(doc.title.as_deref(), Some("T"));
+        assert_eq!(doc.text, "caf\u{e9} \u{2019}s \u{fffd} AA & &bogus;");
+        let page = r#"<head><meta http-equiv="refresh" content="300"></head><body>Live</body>"#;
+        assert_eq!(extract(page.as_bytes(), Format::Html).unwrap().text, "Live");
     }
 
     #[test]
@@ -631,6 +672,10 @@ let t = s;</code></pre><p>Caf&eacute; &#x263A; &#169;</p></main>
             "<p",
             "<a href='x>text",
             "&#xZZ; &",
+            "&#",
+            "&#x",
+            "&#99999999999;",
+            "<p>é<b>ü</b>&é</p>",
             "<main><pre>",
             "</main></main>",
         ] {

@@ -3,10 +3,12 @@
 //!
 //! Every chunk is a point whose payload holds `source` (the file's absolute path), `title`,
 //! `chunk` (its index in the file), `chunks` (the file's count), `hash` (SHA-256 of the file's
-//! bytes) and `text`. Ingesting a folder again skips files whose hash is unchanged, replaces
-//! the chunks of changed files (the new ones are written before the old ones are deleted, so
-//! a crash loses nothing), and deletes the chunks of files that are gone.
+//! bytes), `ingest` (the embedder and chunking that made it) and `text`. Ingesting a folder
+//! again skips files whose hash and ingest settings are unchanged, replaces the chunks of
+//! changed files (the new ones are written before the old ones are deleted, so a crash loses
+//! nothing), and deletes the chunks of files that are gone.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -100,28 +102,55 @@ pub struct IngestProgress {
 
 /// What the collection holds of one source file.
 struct Stored {
-    hash: String,
+    /// `hash` and `ingest` of the chunks (all of them agree unless a crash interrupted a
+    /// replacement; then none is trusted).
+    fingerprint: Option<(String, String)>,
     ids: Vec<u64>,
 }
+
+/// The most tokens of a title embedded with each chunk; longer titles are cut.
+const TITLE_TOKENS: usize = 32;
 
 /// Ingests folders into a collection with one embedder.
 pub struct Ingestor<'a> {
     embedder: &'a dyn Embedder,
     options: ChunkOptions,
+    /// What made the chunks: re-ingesting with another embedder or chunking re-embeds.
+    settings: String,
 }
 
 impl<'a> Ingestor<'a> {
-    /// Chunks of `options` must fit, with a title line and the special tokens, in what the
-    /// embedder reads.
+    /// Chunks of `options` must fit, with a title line (at most 32 tokens) and the special
+    /// tokens, in what the embedder reads.
     pub fn new(embedder: &'a dyn Embedder, options: ChunkOptions) -> Result<Self> {
-        if options.max_tokens + 2 > embedder.max_tokens() {
+        if options.max_tokens + TITLE_TOKENS + 3 > embedder.max_tokens() {
             return Err(Error::InvalidArgument(format!(
-                "chunks of {} tokens do not fit the embedder's {} tokens",
+                "chunks of {} tokens and a title do not fit the embedder's {} tokens",
                 options.max_tokens,
                 embedder.max_tokens()
             )));
         }
-        Ok(Self { embedder, options })
+        let settings = format!(
+            "{} chunks {}/{}",
+            embedder.name(),
+            options.max_tokens,
+            options.overlap_tokens
+        );
+        Ok(Self {
+            embedder,
+            options,
+            settings,
+        })
+    }
+
+    /// `title` cut to [`TITLE_TOKENS`] tokens.
+    fn short_title(&self, title: String) -> Result<String> {
+        let mut title = title;
+        while self.embedder.token_count(&title)? > TITLE_TOKENS {
+            let keep = title.chars().count() * 3 / 4;
+            title = title.chars().take(keep).collect();
+        }
+        Ok(title)
     }
 
     /// Ingests `path` (a folder, walked recursively without hidden entries, or one file)
@@ -147,6 +176,8 @@ impl<'a> Ingestor<'a> {
         let mut report = IngestReport::default();
         let mut files = Vec::new();
         walk(&root, &mut files, &mut HashSet::new(), &mut report)?;
+        // Chunks of files under a folder that could not be read are kept.
+        let unreadable: Vec<PathBuf> = report.skipped.iter().map(|s| s.path.clone()).collect();
         let (mut stored, mut next_id) = stored_sources(collection);
         let total = files.len();
         report.files = total;
@@ -168,14 +199,21 @@ impl<'a> Ingestor<'a> {
                 chunks_written: report.chunks_written,
             });
         }
-        // What is left of the stored sources under `root` no longer exists.
+        // What is left of the stored sources under `root` no longer exists (certainly: not
+        // when a folder on its way could not be read).
         for (source, gone) in stored {
-            if Path::new(&source).starts_with(&root) && !Path::new(&source).exists() {
+            let path = Path::new(&source);
+            if path.starts_with(&root)
+                && !unreadable.iter().any(|dir| path.starts_with(dir))
+                && matches!(path.try_exists(), Ok(false))
+            {
                 report.removed += 1;
                 report.chunks_deleted += delete(collection, &gone.ids)?;
             }
         }
-        collection.checkpoint()?;
+        if report.chunks_written + report.chunks_deleted > 0 {
+            collection.checkpoint()?;
+        }
         Ok(report)
     }
 
@@ -205,12 +243,16 @@ impl<'a> Ingestor<'a> {
             }
         };
         let hash = format!("{:x}", Sha256::digest(&bytes));
-        if previous.as_ref().is_some_and(|p| p.hash == hash) {
+        let fingerprint = (hash.clone(), self.settings.clone());
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.fingerprint.as_ref() == Some(&fingerprint))
+        {
             report.unchanged += 1;
             return Ok(());
         }
         let document = match extract(&bytes, format) {
-            Ok(document) => Some(document),
+            Ok(document) => document,
             Err(reason) => {
                 let reason = match reason {
                     NoText::Binary => "binary (not UTF-8 text)",
@@ -218,17 +260,18 @@ impl<'a> Ingestor<'a> {
                     NoText::Redirect => "a redirect",
                     NoText::Empty => "no text",
                 };
+                // The file's earlier chunks stay: it may be mid-write, or a mistake.
                 skip(report, reason.to_string());
-                None
+                return Ok(());
             }
         };
         let mut points = Vec::new();
-        if let Some(document) = document {
-            let title = document.title.unwrap_or_else(|| {
+        {
+            let title = self.short_title(document.title.unwrap_or_else(|| {
                 file.file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
-            });
+            }))?;
             let count = |text: &str| self.embedder.token_count(text);
             let chunks = chunk_text(&document.text, self.options, &count)?;
             // The title rides along in the embedded text: chunks deep in a chapter rarely
@@ -246,6 +289,7 @@ impl<'a> Ingestor<'a> {
                         "chunk": index,
                         "chunks": chunks.len(),
                         "hash": hash,
+                        "ingest": self.settings,
                         "text": text,
                     }),
                 });
@@ -287,12 +331,24 @@ fn stored_sources(collection: &DurableCollection) -> (HashMap<String, Stored>, u
         for point in &page {
             next_id = next_id.max(point.id + 1);
             let field = |key: &str| point.payload.get(key).and_then(Value::as_str);
-            if let (Some(source), Some(hash)) = (field("source"), field("hash")) {
-                let entry = sources.entry(source.to_string()).or_insert_with(|| Stored {
-                    hash: hash.to_string(),
-                    ids: Vec::new(),
-                });
-                entry.ids.push(point.id);
+            if let Some(source) = field("source") {
+                let fingerprint = field("hash").zip(field("ingest"));
+                let fingerprint = fingerprint.map(|(h, i)| (h.to_string(), i.to_string()));
+                match sources.entry(source.to_string()) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(Stored {
+                            fingerprint,
+                            ids: vec![point.id],
+                        });
+                    }
+                    Entry::Occupied(mut entry) => {
+                        let stored = entry.get_mut();
+                        if stored.fingerprint != fingerprint {
+                            stored.fingerprint = None;
+                        }
+                        stored.ids.push(point.id);
+                    }
+                }
             }
         }
     }

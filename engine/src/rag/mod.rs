@@ -1,6 +1,37 @@
 //! Retrieval-augmented generation: ingestion of documents into a vector collection, the
 //! query pipeline (retrieve → rerank → generate with citations), the caches in front of it,
 //! the circuit breaker around generation, and the settings that configure it all.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use moera_engine::embed::{BertEmbedder, Embedder};
+//! use moera_engine::hub::resolve_model;
+//! use moera_engine::rag::breaker::{BreakerConfig, CircuitBreaker};
+//! use moera_engine::rag::chunk::ChunkOptions;
+//! use moera_engine::rag::ingest::{Ingestor, open_collection};
+//! use moera_engine::rag::pipeline::{ModelGenerator, QueryOptions, RagPipeline};
+//! use moera_engine::{Device, Model};
+//!
+//! # fn main() -> Result<(), moera_engine::Error> {
+//! let device = Device::flex();
+//! let embedder = Arc::new(BertEmbedder::load(&resolve_model("minilm"), &device)?);
+//! let collection = open_collection("collections".as_ref(), "docs", embedder.dimension(), true)?;
+//! Ingestor::new(embedder.as_ref(), ChunkOptions::default())?
+//!     .ingest("docs".as_ref(), &collection, &mut |_| {})?;
+//! let model = Arc::new(Model::load(resolve_model("smollm2"))?);
+//! let pipeline = RagPipeline::new(embedder, Arc::new(collection)).with_generator(
+//!     Arc::new(ModelGenerator::new(model, "smollm2")),
+//!     Arc::new(CircuitBreaker::new(BreakerConfig::default())),
+//! );
+//! let answer = pipeline.ask("What is ownership?", &QueryOptions::default())?;
+//! println!("{}", answer.answer.unwrap_or_default());
+//! for (i, passage) in answer.sources.iter().enumerate() {
+//!     println!("[{}] {} ({})", i + 1, passage.title, passage.source);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod breaker;
 pub mod cache;

@@ -85,9 +85,11 @@ impl Generator for ModelGenerator {
         request.sampling = self.sampling.clone();
         request.adapter = self.adapter.clone();
         let prompt = match &request.prompt {
-            Prompt::Chat(messages) => self.model.apply_chat_template(messages, true)?,
-            Prompt::Text(text) => text.clone(),
-            Prompt::Ids(ids) => format!("{ids:?}"),
+            Prompt::Chat(messages) => {
+                format!("chat:{}", self.model.apply_chat_template(messages, true)?)
+            }
+            Prompt::Text(text) => format!("text:{text}"),
+            Prompt::Ids(ids) => format!("ids:{ids:?}"),
         };
         let key = InferenceKey::new(
             self.name.clone(),
@@ -327,7 +329,8 @@ impl Stage for Reranking {
 
 /// Maximal marginal relevance: repeatedly takes the candidate maximising
 /// `λ·relevance − (1−λ)·max similarity to those taken`. Relevance is the similarity, or the
-/// reranker's score through a sigmoid so both terms share a scale.
+/// reranker's score scaled to 0..=1 over the candidates (whatever its activation), so both
+/// terms share a scale.
 fn mmr(
     mut candidates: Vec<Passage>,
     vectors: &HashMap<u64, Vec<f32>>,
@@ -338,8 +341,13 @@ fn mmr(
         (Some(a), Some(b)) => a.iter().zip(b).map(|(x, y)| x * y).sum(),
         _ => 0.0,
     };
+    let scores = candidates.iter().filter_map(|p| p.rerank_score);
+    let (low, high) = scores.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), s| {
+        (lo.min(s), hi.max(s))
+    });
     let relevance = |p: &Passage| match p.rerank_score {
-        Some(score) => 1.0 / (1.0 + (-score).exp()),
+        Some(_) if high <= low => 1.0,
+        Some(score) => (score - low) / (high - low),
         None => p.similarity,
     };
     let mut chosen: Vec<Passage> = Vec::with_capacity(k);
@@ -407,29 +415,35 @@ pub struct RagPipeline {
     retrieval: Vec<Box<dyn Stage>>,
     generation: Option<AnswerGeneration>,
     cache: Option<Arc<dyn ResultCache>>,
-    /// What identifies the collection in cache keys.
-    collection_id: String,
+    /// What identifies the collection, embedder and reranker in cache keys.
+    retrieval_id: String,
+    collection: Arc<DurableCollection>,
 }
 
 impl RagPipeline {
     /// Retrieval over `collection` with `embedder`; add a reranker, a generator and a cache
     /// with the `with_*` methods.
     pub fn new(embedder: Arc<dyn Embedder>, collection: Arc<DurableCollection>) -> Self {
-        let collection_id = collection.dir().to_string_lossy().into_owned();
+        let retrieval_id = format!("{} {}", collection.dir().display(), embedder.name());
         Self {
             retrieval: vec![
                 Box::new(QuestionEmbedding { embedder }),
-                Box::new(DocumentRetrieval { collection }),
+                Box::new(DocumentRetrieval {
+                    collection: collection.clone(),
+                }),
                 Box::new(Reranking { reranker: None }),
             ],
             generation: None,
             cache: None,
-            collection_id,
+            retrieval_id,
+            collection,
         }
     }
 
-    /// Scores candidates with `reranker` (a cross-encoder) before MMR.
-    pub fn with_reranker(mut self, reranker: Arc<dyn Reranker>) -> Self {
+    /// Scores candidates with `reranker` (a cross-encoder, known in cache keys as `name`)
+    /// before MMR.
+    pub fn with_reranker(mut self, reranker: Arc<dyn Reranker>, name: &str) -> Self {
+        self.retrieval_id.push_str(&format!(" reranked by {name}"));
         self.retrieval[2] = Box::new(Reranking {
             reranker: Some(reranker),
         });
@@ -539,6 +553,10 @@ impl RagPipeline {
             .as_ref()
             .and_then(|f| serde_json::to_string(f).ok())
             .unwrap_or_default();
+        // The collection's size stands in for its version: answers from before an ingestion
+        // that changed it are not served.
+        let collection = self.collection.collection();
+        let version = format!("{} {}", collection.count(), collection.nodes());
         let numbers = format!(
             "{} {} {} {} {:?} {}",
             options.k,
@@ -550,7 +568,8 @@ impl RagPipeline {
         );
         result_cache_key(&[
             &state.question,
-            &self.collection_id,
+            &self.retrieval_id,
+            &version,
             &filter,
             &numbers,
             &generation.generator.name(),

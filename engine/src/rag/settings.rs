@@ -20,6 +20,10 @@
 //!
 //! An empty value counts as unset. Durations take whole or fractional seconds.
 //!
+//! The `.env` file may hold other tools' settings too: its lines that cannot be parsed are
+//! skipped with a warning (naming the file and line, never the text) unless their key starts
+//! with `MOERA_`, which is an error. Double-quoted values may span several lines.
+//!
 //! ```
 //! use moera_engine::rag::settings::Settings;
 //!
@@ -175,7 +179,9 @@ impl Settings {
     }
 
     /// Loads from `vars` (the environment) over the `KEY=VALUE` lines of `env_file`. Only
-    /// `MOERA_*` keys are read; the file's other keys are ignored (not exported).
+    /// `MOERA_*` keys are read; the file's other keys are ignored (not exported), and its
+    /// lines that cannot be parsed are skipped with a warning unless they set a `MOERA_*`
+    /// key.
     pub fn load(
         env_file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
@@ -319,17 +325,22 @@ fn positive<T: PartialEq + Default>(name: &str, value: T) -> Result<T> {
 
 /// The `KEY=VALUE` pairs of a `.env` file: blank lines and `#` comments are skipped, an
 /// `export ` prefix is allowed, values may be single-quoted (literal) or double-quoted (with
-/// `\n`, `\t`, `\r`, `\"`, `\\`, `\$` escapes); an unquoted value ends at a ` #` comment. An
-/// error names the file and line (not its text, which may hold a secret).
+/// `\n`, `\t`, `\r`, `\"`, `\\`, `\$` escapes); an unquoted value ends at a ` #` comment.
+/// A double-quoted value may span lines, as in python-dotenv: it continues until the closing
+/// unescaped `"`, keeping the line breaks.
+///
+/// The file may be written for other tools too, so a line that cannot be parsed is skipped
+/// with a warning, unless its key starts with `MOERA_`: then it is an error. Both name the
+/// file and line, never the line's text, which may hold a secret.
 fn parse_dotenv(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let lines: Vec<&str> = text.lines().collect();
     let mut pairs = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let fail = |reason: &str| Error::Settings {
-            variable: format!("{}:{}", path.display(), index + 1),
-            reason: reason.into(),
-        };
-        let line = raw.trim();
+    let mut index = 0;
+    while index < lines.len() {
+        let number = index + 1;
+        let line = lines[index].trim_start();
+        index += 1;
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -337,76 +348,119 @@ fn parse_dotenv(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
             .strip_prefix("export")
             .filter(|rest| rest.starts_with(char::is_whitespace))
             .map_or(line, str::trim_start);
-        let Some((key, rest)) = line.split_once('=') else {
-            return Err(fail("expected KEY=VALUE"));
+        let (key, parsed) = match line.split_once('=') {
+            None => (line.trim_end(), Err("expected KEY=VALUE")),
+            Some((key, rest)) => {
+                let key = key.trim_end();
+                if is_valid_key(key) {
+                    let (value, continuation) = parse_value(rest.trim_start(), &lines[index..]);
+                    // The lines of a multi-line value are consumed even when its ending is
+                    // malformed: they are not assignments of their own.
+                    index += continuation;
+                    (key, value)
+                } else {
+                    (
+                        key,
+                        Err(
+                            "expected KEY=VALUE with a KEY of ASCII letters, digits and underscores",
+                        ),
+                    )
+                }
+            }
         };
-        let key = key.trim_end();
-        let valid_key = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid_key {
-            return Err(fail(
-                "expected KEY=VALUE with a KEY of ASCII letters, digits and underscores",
-            ));
+        match parsed {
+            Ok(value) => pairs.push((key.to_owned(), value)),
+            Err(reason) if key.starts_with("MOERA_") => {
+                return Err(Error::Settings {
+                    variable: format!("{}:{number}", path.display()),
+                    reason: reason.into(),
+                });
+            }
+            Err(reason) => tracing::warn!(
+                file = %path.display(),
+                line = number,
+                reason,
+                "skipping a .env line that cannot be parsed (it sets no MOERA_ variable)"
+            ),
         }
-        let value = parse_value(rest.trim_start()).map_err(fail)?;
-        pairs.push((key.to_owned(), value));
     }
     Ok(pairs)
 }
 
-fn parse_value(s: &str) -> std::result::Result<String, &'static str> {
-    let quote = match s.chars().next() {
+fn is_valid_key(key: &str) -> bool {
+    key.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The value starting at `first` (the rest of its line, after `=`), and how many of the
+/// `following` lines it took up (a double-quoted value may go on over several). An
+/// unterminated quote takes up none, so that the lines after it are still read.
+fn parse_value(
+    first: &str,
+    following: &[&str],
+) -> (std::result::Result<String, &'static str>, usize) {
+    let quote = match first.chars().next() {
         Some(q @ ('"' | '\'')) => q,
         _ => {
             // `#` starts a comment only after whitespace, so `a#b` stays a value.
-            let end = s
+            let end = first
                 .char_indices()
-                .find(|&(i, c)| c == '#' && (i == 0 || s[..i].ends_with(char::is_whitespace)))
-                .map_or(s.len(), |(i, _)| i);
-            return Ok(s[..end].trim_end().to_owned());
+                .find(|&(i, c)| c == '#' && (i == 0 || first[..i].ends_with(char::is_whitespace)))
+                .map_or(first.len(), |(i, _)| i);
+            return (Ok(first[..end].trim_end().to_owned()), 0);
         }
     };
-    let body = &s[1..];
     let mut value = String::new();
-    let mut chars = body.char_indices();
-    let mut close = None;
-    while let Some((i, c)) = chars.next() {
-        if c == quote {
-            close = Some(i);
-            break;
-        }
-        if c == '\\' && quote == '"' {
-            match chars.next() {
-                Some((_, 'n')) => value.push('\n'),
-                Some((_, 't')) => value.push('\t'),
-                Some((_, 'r')) => value.push('\r'),
-                Some((_, e @ ('"' | '\\' | '$'))) => value.push(e),
-                // Unknown escapes stay as written, as in the shell.
-                Some((_, other)) => {
-                    value.push('\\');
-                    value.push(other);
-                }
-                None => break,
+    let mut segment = &first[1..];
+    let mut used = 0;
+    loop {
+        let mut chars = segment.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c == quote {
+                let after = segment[i + 1..].trim_start();
+                let result = if after.is_empty() || after.starts_with('#') {
+                    Ok(value)
+                } else {
+                    Err("unexpected text after the closing quote")
+                };
+                return (result, used);
             }
-            continue;
+            if c == '\\' && quote == '"' {
+                match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, 't')) => value.push('\t'),
+                    Some((_, 'r')) => value.push('\r'),
+                    Some((_, e @ ('"' | '\\' | '$'))) => value.push(e),
+                    // Unknown escapes stay as written, as in the shell; so does a backslash
+                    // at the end of a line.
+                    Some((_, other)) => {
+                        value.push('\\');
+                        value.push(other);
+                    }
+                    None => value.push('\\'),
+                }
+                continue;
+            }
+            value.push(c);
         }
-        value.push(c);
+        match following.get(used) {
+            Some(next) if quote == '"' => {
+                value.push('\n');
+                segment = next;
+                used += 1;
+            }
+            _ => {
+                let reason = if quote == '"' {
+                    "unterminated double quote"
+                } else {
+                    "unterminated single quote"
+                };
+                return (Err(reason), 0);
+            }
+        }
     }
-    let Some(close) = close else {
-        return Err(if quote == '"' {
-            "unterminated double quote"
-        } else {
-            "unterminated single quote"
-        });
-    };
-    let after = body[close + 1..].trim_start();
-    if !(after.is_empty() || after.starts_with('#')) {
-        return Err("unexpected text after the closing quote");
-    }
-    Ok(value)
 }
 
 #[cfg(test)]
@@ -600,17 +654,20 @@ mod tests {
 
     #[test]
     fn bad_dotenv_lines_name_the_file_and_line() {
+        // Only lines that set (or try to set) a MOERA_ key are errors.
         for (text, line, reason) in [
-            (
-                "MOERA_MODEL=ok\n\nthis is not an assignment\n",
-                3,
-                "KEY=VALUE",
-            ),
-            ("# c\n=value\n", 2, "KEY"),
-            ("MY-KEY=value\n", 1, "KEY"),
+            ("MOERA_MODEL=ok\n\nMOERA_COLLECTION docs\n", 3, "KEY=VALUE"),
+            ("# c\nexport MOERA_API_KEY\n", 2, "KEY=VALUE"),
+            ("MOERA_MY-KEY=value\n", 1, "KEY"),
             (
                 "MOERA_API_KEY=\"sk-unterminated\n",
                 1,
+                "unterminated double quote",
+            ),
+            (
+                // A multi-line value never closed: the error names the line it starts on.
+                "A=1\nMOERA_API_KEY=\"sk-unterminated\nsk-more\nB=2\n",
+                2,
                 "unterminated double quote",
             ),
             (
@@ -619,6 +676,11 @@ mod tests {
                 "unterminated single quote",
             ),
             ("MOERA_MODEL=\"a\" b\n", 1, "after the closing quote"),
+            (
+                "MOERA_API_KEY=\"sk-a\nsk-b\" sk-c\n",
+                1,
+                "after the closing quote",
+            ),
         ] {
             let file = EnvFile::new(&format!("bad{line}{}", reason.len()), text);
             match Settings::load(Some(&file.path), Vec::new()) {
@@ -640,6 +702,151 @@ mod tests {
                 other => panic!("expected a settings error for {text:?}, got {other:?}"),
             }
         }
+    }
+
+    /// Every event logged, as `LEVEL name=value ...`.
+    #[derive(Clone, Default)]
+    struct Logged(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    struct Fields(String);
+
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+
+    impl tracing::Subscriber for Logged {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut fields = Fields(event.metadata().level().to_string());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn other_tools_bad_lines_are_skipped_with_a_warning() {
+        let text = "MOERA_MODEL=m\n\
+            MY-KEY=sk-dash\n\
+            this line is sk-prose\n\
+            =sk-nokey\n\
+            SINGLE='sk-open\n\
+            JUNK=\"sk-a\" sk-b\n\
+            SPAN=\"sk-1\n\
+            MOERA_EMBEDDER=inside-a-value\n\
+            sk-2\" sk-3\n\
+            OTHER=\"sk-never closed\n\
+            MOERA_COLLECTION=docs\n\
+            MOERA_API_KEY=key\n";
+        let file = EnvFile::new("foreign", text);
+        let logged = Logged::default();
+        let s = tracing::subscriber::with_default(logged.clone(), || {
+            Settings::load(Some(&file.path), vars(&[("MOERA_HOME", "/h")]))
+        })
+        .unwrap();
+        assert_eq!(s.model, "m");
+        // The line after an unterminated quote is still read...
+        assert_eq!(s.collection, "docs");
+        // ... but not the lines of a closed multi-line value, even a malformed one.
+        assert_eq!(s.embedder, "minilm");
+        assert_eq!(s.api_key.as_ref().map(Secret::expose), Some("key"));
+
+        let logged = logged.0.lock().unwrap();
+        let warnings: Vec<&String> = logged.iter().filter(|e| e.starts_with("WARN")).collect();
+        let file_name = file.path.display().to_string();
+        let lines: Vec<usize> = warnings
+            .iter()
+            .map(|w| {
+                assert!(w.contains(&file_name), "{w}");
+                assert!(!w.contains("sk-"), "a warning must not quote the line: {w}");
+                let at = w.find("line=").expect("the line number") + 5;
+                w[at..].split(' ').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        assert_eq!(lines, [2, 3, 4, 5, 6, 7, 10], "{warnings:?}");
+    }
+
+    #[test]
+    fn multi_line_double_quoted_values() {
+        let text = "MOERA_API_KEY=\"first\n\
+            \tsecond \\\"quoted\\\" \\n\n\
+            \n\
+            last\" # comment\n\
+            CERT=\"-----BEGIN-----\r\n\
+            MOERA_MODEL=not-a-setting\r\n\
+            -----END-----\"\r\n\
+            MOERA_COLLECTION=after\n\
+            MOERA_DATA_DIR=\"/srv/data\"\n\
+            EMPTY=\"\n\
+            \"\n";
+        let pairs = parse_dotenv(text, Path::new(".env")).unwrap();
+        assert_eq!(
+            pairs,
+            vars(&[
+                ("MOERA_API_KEY", "first\n\tsecond \"quoted\" \n\n\nlast"),
+                (
+                    "CERT",
+                    "-----BEGIN-----\nMOERA_MODEL=not-a-setting\n-----END-----"
+                ),
+                ("MOERA_COLLECTION", "after"),
+                ("MOERA_DATA_DIR", "/srv/data"),
+                ("EMPTY", "\n"),
+            ])
+        );
+        let file = EnvFile::new("multiline", text);
+        let s = Settings::load(Some(&file.path), Vec::new()).unwrap();
+        assert_eq!(s.model, "smollm2");
+        assert_eq!(s.collection, "after");
+        assert_eq!(
+            s.api_key.as_ref().map(Secret::expose),
+            Some("first\n\tsecond \"quoted\" \n\n\nlast")
+        );
+        // Single quotes stay on one line.
+        assert!(parse_dotenv("MOERA_API_KEY='a\nb'\n", Path::new(".env")).is_err());
+    }
+
+    #[test]
+    fn huge_durations_parse_without_panicking() {
+        let s = Settings::load(
+            None,
+            vars(&[
+                ("MOERA_CACHE_TTL", "1e19"),
+                ("MOERA_BREAKER_COOLDOWN", "18446744073709551615"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.cache_ttl > Duration::from_secs(1 << 62));
+        assert_eq!(s.breaker_cooldown, Duration::from_secs(u64::MAX));
+        // What the service builds from them must not panic either.
+        let cache = crate::rag::cache::MemoryResultCache::new(4, s.cache_ttl);
+        crate::rag::cache::ResultCache::put(&cache, "k", "v");
+        assert_eq!(
+            crate::rag::cache::ResultCache::get(&cache, "k").as_deref(),
+            Some("v")
+        );
+        let breaker = crate::rag::breaker::CircuitBreaker::new(s.breaker_config());
+        for _ in 0..s.breaker_failure_threshold {
+            let _ = breaker.call(|| {
+                Err::<(), _>(Error::Io {
+                    path: "backend".into(),
+                    source: std::io::Error::other("down"),
+                })
+            });
+        }
+        assert!(matches!(
+            breaker.call(|| Ok(())),
+            Err(Error::ServiceUnavailable { .. })
+        ));
     }
 
     #[test]
@@ -682,18 +889,27 @@ mod tests {
 
     #[test]
     fn debug_output_hides_secrets() {
-        let s = Settings::load(
-            None,
-            vars(&[
-                ("MOERA_API_KEY", "sk-live-0123456789"),
-                ("MOERA_REDIS_URL", "redis://:hunter2@cache.internal:6379/0"),
-            ]),
-        )
-        .unwrap();
-        for text in [format!("{s:?}"), format!("{s:#?}")] {
-            assert!(!text.contains("sk-live"), "{text}");
-            assert!(!text.contains("hunter2"), "{text}");
-            assert!(text.contains("***"), "{text}");
+        for url in [
+            "redis://:hunter2@cache.internal:6379/0",
+            "redis://user:hunter2@cache.internal:6379/0",
+            "redis+unix:///tmp/redis.sock?db=0&pass=hunter2",
+            "unix:///tmp/redis.sock?pass=hunter2",
+            "rediss://cache.internal/?password=hunter2",
+        ] {
+            let s = Settings::load(
+                None,
+                vars(&[
+                    ("MOERA_API_KEY", "sk-live-0123456789"),
+                    ("MOERA_REDIS_URL", url),
+                ]),
+            )
+            .unwrap();
+            assert_eq!(s.redis_url.as_ref().map(Secret::expose), Some(url));
+            for text in [format!("{s:?}"), format!("{s:#?}")] {
+                assert!(!text.contains("sk-live"), "{text}");
+                assert!(!text.contains("hunter2"), "{text}");
+                assert!(text.contains("***"), "{text}");
+            }
         }
         let key = Secret::new("sk-live-0123456789");
         assert_eq!(key.to_string(), "***");
