@@ -4,7 +4,8 @@ use std::process::Command;
 
 use crate::common::*;
 
-fn moera(args: &[&str]) -> std::process::Output {
+/// Runs `moera` on flex and returns its output, failing the test when it fails.
+pub fn moera(args: &[&str]) -> std::process::Output {
     let output = Command::new(env!("CARGO_BIN_EXE_moera"))
         .args(args)
         .env("MOERA_DEVICE", "flex")

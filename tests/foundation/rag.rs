@@ -490,17 +490,7 @@ fn the_fused_query_runs_generation_and_retrieval_at_once() {
 }
 
 fn moera(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_moera"))
-        .args(args)
-        .env("MOERA_DEVICE", "flex")
-        .output()
-        .expect("run moera");
-    assert!(
-        output.status.success(),
-        "moera {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    String::from_utf8(crate::cli::moera(args).stdout).unwrap()
 }
 
 fn rust_book() -> Option<PathBuf> {

@@ -849,8 +849,8 @@ mod redis_cache {
         use super::*;
         use std::net::{TcpListener, TcpStream};
         use std::process::{Child, Command, Stdio};
+        use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::{Arc, Mutex};
 
         /// A throwaway `redis-server` on a free loopback port, killed on drop.
         struct RedisServer {
@@ -1167,35 +1167,7 @@ mod redis_cache {
             assert_eq!(cache.get("k").as_deref(), Some("v"));
         }
 
-        /// Everything logged, each event's fields written out (`name=value`).
-        #[derive(Clone, Default)]
-        struct Logged(Arc<Mutex<Vec<String>>>);
-
-        struct Fields(String);
-
-        impl tracing::field::Visit for Fields {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-                self.0.push_str(&format!(" {}={value:?}", field.name()));
-            }
-        }
-
-        impl tracing::Subscriber for Logged {
-            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-                true
-            }
-            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-                tracing::span::Id::from_u64(1)
-            }
-            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-            fn event(&self, event: &tracing::Event<'_>) {
-                let mut fields = Fields(event.metadata().level().to_string());
-                event.record(&mut fields);
-                lock(&self.0).push(fields.0);
-            }
-            fn enter(&self, _: &tracing::span::Id) {}
-            fn exit(&self, _: &tracing::span::Id) {}
-        }
+        use crate::rag::captured_logs::Logged;
 
         #[test]
         fn secrets_stay_out_of_debug_errors_and_logs() {
@@ -1238,7 +1210,7 @@ mod redis_cache {
                     }
                 }
             });
-            let logged = lock(&logged.0);
+            let logged = logged.events();
             assert!(
                 logged.iter().filter(|e| e.starts_with("WARN")).count() >= unreachable.len(),
                 "{logged:?}"

@@ -49,3 +49,48 @@ pub trait Reranker: Send + Sync {
     /// One score per passage, in order.
     fn score(&self, query: &str, passages: &[&str]) -> Result<Vec<f32>>;
 }
+
+/// Tests' view of what was logged.
+#[cfg(test)]
+pub(crate) mod captured_logs {
+    use std::fmt;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// A subscriber keeping every event as `LEVEL name=value ...`.
+    #[derive(Clone, Default)]
+    pub(crate) struct Logged(Arc<Mutex<Vec<String>>>);
+
+    impl Logged {
+        pub(crate) fn events(&self) -> MutexGuard<'_, Vec<String>> {
+            self.0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        }
+    }
+
+    struct Fields(String);
+
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+
+    impl tracing::Subscriber for Logged {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut fields = Fields(event.metadata().level().to_string());
+            event.record(&mut fields);
+            self.events().push(fields.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+}

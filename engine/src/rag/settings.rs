@@ -704,35 +704,7 @@ mod tests {
         }
     }
 
-    /// Every event logged, as `LEVEL name=value ...`.
-    #[derive(Clone, Default)]
-    struct Logged(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-    struct Fields(String);
-
-    impl tracing::field::Visit for Fields {
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-            self.0.push_str(&format!(" {}={value:?}", field.name()));
-        }
-    }
-
-    impl tracing::Subscriber for Logged {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, event: &tracing::Event<'_>) {
-            let mut fields = Fields(event.metadata().level().to_string());
-            event.record(&mut fields);
-            self.0.lock().unwrap().push(fields.0);
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
+    use crate::rag::captured_logs::Logged;
 
     #[test]
     fn other_tools_bad_lines_are_skipped_with_a_warning() {
@@ -761,7 +733,7 @@ mod tests {
         assert_eq!(s.embedder, "minilm");
         assert_eq!(s.api_key.as_ref().map(Secret::expose), Some("key"));
 
-        let logged = logged.0.lock().unwrap();
+        let logged = logged.events();
         let warnings: Vec<&String> = logged.iter().filter(|e| e.starts_with("WARN")).collect();
         let file_name = file.path.display().to_string();
         let lines: Vec<usize> = warnings
