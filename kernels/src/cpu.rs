@@ -63,7 +63,7 @@ pub fn quant_matmul(w: &QuantizedMatrix, rows: Range<usize>, x: &[f32], m: usize
     out
 }
 
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]

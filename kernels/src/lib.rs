@@ -24,6 +24,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+mod activation;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
@@ -31,6 +32,7 @@ mod linear;
 pub mod moe;
 pub mod quant;
 
+pub use activation::gelu;
 pub use linear::{LoraUpdate, QuantLinear};
 pub use quant::{QuantFormat, QuantizedMatrix};
 

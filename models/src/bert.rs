@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, softmax, tanh};
+use burn::tensor::activation::{softmax, tanh};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use moera_kernels::gelu;
 use serde::Deserialize;
 
 use crate::nn::{Embedding, Linear, load_checked};

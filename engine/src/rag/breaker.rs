@@ -243,8 +243,10 @@ impl CircuitBreaker {
         self
     }
 
-    /// Decides which errors count as failures, replacing [`is_backend_failure`]; the others
-    /// count as successes (the service answered, e.g. it rejected a bad request).
+    /// Decides which errors count as failures, replacing [`is_backend_failure`]. The others
+    /// are neutral: they neither add to nor reset the count of consecutive failures (a
+    /// rejected bad request says nothing of the backend), and a neutral probe leaves the
+    /// breaker half-open for the next call to probe.
     pub fn with_failure_predicate(
         mut self,
         is_failure: impl Fn(&Error) -> bool + Send + Sync + 'static,
@@ -267,11 +269,11 @@ impl CircuitBreaker {
             recorded: false,
         };
         let result = f();
-        let failed = match &result {
-            Ok(_) => false,
-            Err(e) => (self.is_failure)(e),
-        };
-        outcome.record(failed);
+        outcome.record(match &result {
+            Ok(_) => Verdict::Success,
+            Err(e) if (self.is_failure)(e) => Verdict::Failure,
+            Err(_) => Verdict::Neutral,
+        });
         result
     }
 
@@ -337,17 +339,29 @@ impl CircuitBreaker {
         }
     }
 
-    fn record(&self, probe: bool, failed: bool) {
+    fn record(&self, probe: bool, verdict: Verdict) {
         let mut inner = lock(&self.inner);
-        if !failed {
-            inner.consecutive_failures = 0;
-            // Only the probe decides when to leave half-open: a call admitted before the
-            // breaker opened says little about the service now.
-            if probe {
-                tracing::info!("circuit breaker closed: the probe call succeeded");
-                inner.phase = Phase::Closed;
+        match verdict {
+            Verdict::Success => {
+                inner.consecutive_failures = 0;
+                // Only the probe decides when to leave half-open: a call admitted before
+                // the breaker opened says little about the service now.
+                if probe {
+                    tracing::info!("circuit breaker closed: the probe call succeeded");
+                    inner.phase = Phase::Closed;
+                }
+                return;
             }
-            return;
+            Verdict::Neutral => {
+                if probe {
+                    // The probe learnt nothing: the next call probes again.
+                    inner.phase = Phase::Open {
+                        until: Some(self.clock.now()),
+                    };
+                }
+                return;
+            }
+            Verdict::Failure => {}
         }
         inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
         inner.total_failures += 1;
@@ -374,6 +388,15 @@ impl CircuitBreaker {
     }
 }
 
+/// What a call tells of the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Success,
+    Failure,
+    /// An error that is not the backend's (see [`is_backend_failure`]).
+    Neutral,
+}
+
 /// Records a failure if dropped before recording (the closure panicked), so that a panicking
 /// probe cannot leave the breaker half-open forever.
 struct Outcome<'a> {
@@ -383,16 +406,16 @@ struct Outcome<'a> {
 }
 
 impl Outcome<'_> {
-    fn record(&mut self, failed: bool) {
+    fn record(&mut self, verdict: Verdict) {
         self.recorded = true;
-        self.breaker.record(self.probe, failed);
+        self.breaker.record(self.probe, verdict);
     }
 }
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
         if !self.recorded {
-            self.breaker.record(self.probe, true);
+            self.breaker.record(self.probe, Verdict::Failure);
         }
     }
 }
@@ -755,6 +778,26 @@ mod tests {
         // A real backend failure still opens it.
         let _ = breaker.call(|| Err::<(), _>(down()));
         assert_eq!(breaker.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn caller_errors_are_neutral() {
+        let (breaker, clock) = breaker(3, 5);
+        // Bad requests between backend failures do not reset the count...
+        for _ in 0..2 {
+            let _ = breaker.call(|| Err::<(), _>(down()));
+            let _ = breaker.call(|| Err::<(), _>(Error::EmptyPrompt));
+        }
+        assert_eq!(breaker.stats().consecutive_failures, 2);
+        let _ = breaker.call(|| Err::<(), _>(down()));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        // ... and a probe that was a bad request neither closes nor reopens: the next call
+        // probes again at once.
+        clock.advance(Duration::from_secs(5));
+        let _ = breaker.call(|| Err::<(), _>(Error::EmptyPrompt));
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        assert!(breaker.call(|| Ok(())).is_ok());
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
     #[test]
