@@ -2,12 +2,13 @@
 //!
 //! `cargo bench --bench training -- STRATEGY CHECKPOINTING SEQ BATCH STEPS [QUANT]`
 //! e.g. `-- lora off 256 4 3 auto`: LoRA r=8 (all-linear: q,k,v,o,gate,up,down) or full fine-tuning
-//! of SmolLM2-135M on random token batches, flex (CPU). Prints one JSON line: seconds per
-//! step (the first step excluded), tokens/s, and peak RSS above the loaded model.
+//! of SmolLM2-135M on random token batches, on flex (CPU) or the device `MOERA_DEVICE` names.
+//! `MOERA_TRAIN_MODEL` picks another model (a path; default `smollm2`). Prints one JSON line:
+//! seconds per step (the first step excluded), tokens/s, and peak RSS above the loaded model.
 //! `benches/training_peer.py` measures PEFT + PyTorch the same way; `benches/training.sh`
 //! runs both.
 
-use moera::engine::Device;
+use moera::engine::DeviceKind;
 use moera::engine::adapter::LoraSpec;
 use moera::engine::dataset::Batch;
 use moera::engine::hub::resolve_model;
@@ -56,8 +57,10 @@ fn main() {
         quantization: quant.parse().expect("QUANT"),
         ..TrainingConfig::default()
     };
-    let path = resolve_model("smollm2");
-    let trainer = Trainer::new(&path, &Device::flex(), config).expect("load SmolLM2");
+    let model = std::env::var("MOERA_TRAIN_MODEL").unwrap_or_else(|_| "smollm2".into());
+    let kind = DeviceKind::default_kind().expect("MOERA_DEVICE");
+    let device = kind.device().expect("device");
+    let trainer = Trainer::new(resolve_model(&model), &device, config).expect("load the model");
     let (loaded, _) = memory_mib();
     let vocab = trainer.model().vocab_size() as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -77,13 +80,20 @@ fn main() {
             .expect("training step");
         times.push(started.elapsed().as_secs_f64());
     }
-    let measured = &times[1.min(times.len() - 1)..];
+    // The first steps compile kernels (and autotune them on GPUs): `MOERA_WARMUP_STEPS`
+    // (default 1) are left out of the mean.
+    let warmup: usize = std::env::var("MOERA_WARMUP_STEPS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1);
+    let measured = &times[warmup.min(times.len() - 1)..];
     let per_step = measured.iter().sum::<f64>() / measured.len() as f64;
     let (_, peak) = memory_mib();
     println!(
         "{}",
         serde_json::json!({
             "engine": "moera",
+            "device": kind.to_string(),
             "strategy": arg(0, "lora"),
             "checkpointing": arg(1, "off"),
             "quant": quant,

@@ -9,3 +9,5 @@ pub use moera_kernels as kernels;
 
 pub mod process;
 pub use moera_models as models;
+#[cfg(feature = "server")]
+pub use moera_server as server;

@@ -2,6 +2,8 @@
 
 mod index_cli;
 mod rag_cli;
+#[cfg(feature = "server")]
+mod serve_cli;
 mod train_cli;
 
 use std::io::{BufRead, Write};
@@ -51,6 +53,10 @@ enum Command {
     Search(rag_cli::SearchArgs),
     /// Answer a question from a collection, citing the passages used.
     Ask(Box<rag_cli::AskArgs>),
+    /// Serve models over HTTP: an OpenAI-compatible API, retrieval, training jobs and a
+    /// web page.
+    #[cfg(feature = "server")]
+    Serve(Box<serve_cli::ServeArgs>),
 }
 
 #[derive(Args)]
@@ -282,6 +288,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ingest(args) => rag_cli::ingest(&args),
         Command::Search(args) => rag_cli::search(&args),
         Command::Ask(args) => rag_cli::ask(&args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve_cli::serve(&args),
         Command::Generate(args) => {
             let model = load(&args.model)?;
             let prompt = match (&args.prompt_ids, &args.prompt) {
@@ -379,14 +387,23 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     allocator::keep_freed_memory();
+    let cli = Cli::parse();
+    // A server logs its address and its requests; the other commands only warnings.
+    #[cfg(feature = "server")]
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,moera_server=info,tower_http=info",
+        _ => "warn",
+    };
+    #[cfg(not(feature = "server"))]
+    let default_filter = "warn";
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

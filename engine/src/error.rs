@@ -110,6 +110,12 @@ pub enum Error {
     ServiceUnavailable { retry_after: std::time::Duration },
     #[error("setting {variable}: {reason}")]
     Settings { variable: String, reason: String },
+    #[error("the scheduler is shutting down and takes no new requests")]
+    ShuttingDown,
+    #[error("too many requests are waiting ({waiting}); retry later")]
+    Overloaded { waiting: usize },
+    #[error("generation failed: {0}")]
+    Generation(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

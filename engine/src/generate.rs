@@ -126,6 +126,16 @@ pub enum TokenEvent {
 pub struct Generation<'a> {
     model: &'a Model,
     cache: KvCache,
+    sequence: Sequence,
+    routing: Option<RouterTrace>,
+    /// The adapter slot every forward pass applies, fixed when the generation starts.
+    lora_slot: Option<usize>,
+}
+
+/// A sequence's decoding state apart from its KV cache: sampling, the tokens so far, and
+/// the text handed out (incremental detokenization and stop strings). [`Generation`] and
+/// the continuous-batching scheduler ([`crate::batch`]) both drive one.
+pub(crate) struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     /// Prompt then generated tokens.
@@ -139,9 +149,6 @@ pub struct Generation<'a> {
     emitted: usize,
     finished: bool,
     pending_done: Option<TokenEvent>,
-    routing: Option<RouterTrace>,
-    /// The adapter slot every forward pass applies, fixed when the generation starts.
-    lora_slot: Option<usize>,
 }
 
 impl Model {
@@ -164,6 +171,22 @@ impl Model {
 
     /// Starts a generation; tokens come as the iterator is advanced.
     pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<'_>> {
+        let (sequence, lora_slot) = self.start_sequence(request)?;
+        Ok(Generation {
+            model: self,
+            cache: self.inner.new_cache(1, sequence.capacity()),
+            sequence,
+            routing: request.record_routing.then(RouterTrace::default),
+            lora_slot,
+        })
+    }
+
+    /// Checks a request (prompt, adapter, sampling, context window) and returns its
+    /// sequence and the adapter slot it runs with.
+    pub(crate) fn start_sequence(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<(Sequence, Option<usize>)> {
         let lora_slot = match &request.adapter {
             Some(name) => Some(self.adapter_slot(name)?),
             None => moera_models::nn::active_lora_slot(),
@@ -171,17 +194,18 @@ impl Model {
         let sampler = Sampler::new(request.sampling.clone())?;
         let ids = self.prompt_ids(&request.prompt)?;
         let context = self.max_context();
-        if ids.len() + request.max_tokens > context {
+        if ids
+            .len()
+            .checked_add(request.max_tokens)
+            .is_none_or(|total| total > context)
+        {
             return Err(Error::PromptTooLong {
                 prompt: ids.len(),
                 max_new: request.max_tokens,
                 context,
             });
         }
-        let cache = self.inner.new_cache(1, ids.len() + request.max_tokens);
-        Ok(Generation {
-            model: self,
-            cache,
+        let sequence = Sequence {
             sampler,
             decoder: IncrementalDecoder::new(),
             prompt_len: ids.len(),
@@ -198,9 +222,8 @@ impl Model {
             emitted: 0,
             finished: false,
             pending_done: None,
-            routing: request.record_routing.then(RouterTrace::default),
-            lora_slot,
-        })
+        };
+        Ok((sequence, lora_slot))
     }
 
     /// Generates to the end and returns the text and the finish reason.
@@ -246,13 +269,109 @@ impl Model {
 impl Generation<'_> {
     /// Tokens generated so far.
     pub fn generated(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
+        self.sequence.generated()
     }
 
     /// Expert choices so far (prompt, then each token fed back), when the request asked
     /// for them with [`GenerationRequest::record_routing`].
     pub fn router_trace(&self) -> Option<&RouterTrace> {
         self.routing.as_ref()
+    }
+
+    /// Logits of the next token: the tokens not yet in the cache (the prompt at first,
+    /// then the last token) run through the model.
+    fn next_logits(&mut self) -> Result<Vec<f32>> {
+        let new = self.sequence.pending_tokens(self.cache.len());
+        let input = token_tensor(new, 1, &self.model.device());
+        let logits = moera_models::nn::with_lora_slot(self.lora_slot, || {
+            self.model.inner.forward_traced(
+                input,
+                &mut self.cache,
+                LogitsMode::Last,
+                self.routing.as_mut(),
+            )
+        })?;
+        Ok(to_f32_vec(logits.into_data())?)
+    }
+}
+
+impl Sequence {
+    /// Positions its KV cache needs: the prompt and every token it may generate.
+    pub(crate) fn capacity(&self) -> usize {
+        self.prompt_len + self.max_tokens
+    }
+
+    /// Tokens in the prompt.
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    pub(crate) fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// The tokens after the first `cached` ones: what the next forward pass runs.
+    pub(crate) fn pending_tokens(&self, cached: usize) -> &[u32] {
+        &self.tokens[cached..]
+    }
+
+    /// The event to hand out without running the model, if any: `Some(None)` once the
+    /// sequence is over, `Some(Some(done))` for its final event.
+    pub(crate) fn event_without_step(&mut self) -> Option<Option<TokenEvent>> {
+        if let Some(done) = self.pending_done.take() {
+            return Some(Some(done));
+        }
+        if self.finished {
+            return Some(None);
+        }
+        if self.max_tokens == 0 {
+            self.finished = true;
+            return Some(Some(self.done_event(FinishReason::Length)));
+        }
+        None
+    }
+
+    /// Whether the last event was handed out.
+    pub(crate) fn is_over(&self) -> bool {
+        self.finished && self.pending_done.is_none()
+    }
+
+    /// Samples the next token from `logits`, takes it, and returns its event. A final
+    /// token also queues the `Done` event ([`Sequence::event_without_step`] hands it out).
+    pub(crate) fn accept_logits(&mut self, model: &Model, logits: &mut [f32]) -> TokenEvent {
+        let id = self.sampler.sample(logits, &self.tokens);
+        self.tokens.push(id);
+        let is_eos = self.stop_at_eos && model.eos_ids.contains(&id);
+        let piece = match model.tokenizer() {
+            Some(tokenizer) if !is_eos => self.decoder.push(tokenizer, id).unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (mut text, stop) = self.accept_text(&piece);
+        let reason = match stop {
+            Some(stop) => Some(FinishReason::Stop(stop)),
+            None if is_eos => Some(FinishReason::Eos),
+            None if self.generated().len() >= self.max_tokens => Some(FinishReason::Length),
+            None => None,
+        };
+        if let Some(mut reason) = reason {
+            if !matches!(reason, FinishReason::Stop(_)) {
+                let (rest, stop) = self.flush_text(model);
+                text.push_str(&rest);
+                if let Some(stop) = stop {
+                    reason = FinishReason::Stop(stop);
+                }
+            }
+            self.finished = true;
+            self.pending_done = Some(self.done_event(reason));
+        }
+        TokenEvent::Token { id, text }
+    }
+
+    /// Ends the sequence after an error.
+    pub(crate) fn fail(&mut self) {
+        self.finished = true;
+        self.pending_done = None;
     }
 
     fn usage(&self) -> Usage {
@@ -270,8 +389,8 @@ impl Generation<'_> {
     }
 
     /// At the end: the decoder's held-back bytes and any text held for stop strings.
-    fn flush_text(&mut self) -> (String, Option<String>) {
-        let piece = match self.model.tokenizer() {
+    fn flush_text(&mut self, model: &Model) -> (String, Option<String>) {
+        let piece = match model.tokenizer() {
             Some(tokenizer) => self.decoder.flush(tokenizer).unwrap_or_default(),
             None => String::new(),
         };
@@ -282,23 +401,6 @@ impl Generation<'_> {
         }
         (out, stop)
     }
-
-    fn next_token(&mut self) -> Result<u32> {
-        let fed = self.cache.len();
-        let new = &self.tokens[fed..];
-        let input = token_tensor(new, 1, &self.model.device());
-        let logits = moera_models::nn::with_lora_slot(self.lora_slot, || {
-            self.model.inner.forward_traced(
-                input,
-                &mut self.cache,
-                LogitsMode::Last,
-                self.routing.as_mut(),
-            )
-        })?;
-        let mut logits = to_f32_vec(logits.into_data())?;
-        Ok(self.sampler.sample(&mut logits, &self.tokens))
-    }
-
     /// Appends a piece of decoded text and returns what can be handed out, or the stop
     /// string that ended the generation.
     fn accept_text(&mut self, piece: &str) -> (String, Option<String>) {
@@ -353,47 +455,15 @@ impl Iterator for Generation<'_> {
     type Item = Result<TokenEvent>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Some(done) = self.pending_done.take() {
-            return Some(Ok(done));
+        if let Some(event) = self.sequence.event_without_step() {
+            return event.map(Ok);
         }
-        if self.finished {
-            return None;
-        }
-        if self.max_tokens == 0 {
-            self.finished = true;
-            return Some(Ok(self.done_event(FinishReason::Length)));
-        }
-        let id = match self.next_token() {
-            Ok(id) => id,
+        match self.next_logits() {
+            Ok(mut logits) => Some(Ok(self.sequence.accept_logits(self.model, &mut logits))),
             Err(e) => {
-                self.finished = true;
-                return Some(Err(e));
+                self.sequence.fail();
+                Some(Err(e))
             }
-        };
-        self.tokens.push(id);
-        let is_eos = self.stop_at_eos && self.model.eos_ids.contains(&id);
-        let piece = match self.model.tokenizer() {
-            Some(tokenizer) if !is_eos => self.decoder.push(tokenizer, id).unwrap_or_default(),
-            _ => String::new(),
-        };
-        let (mut text, stop) = self.accept_text(&piece);
-        let reason = match stop {
-            Some(stop) => Some(FinishReason::Stop(stop)),
-            None if is_eos => Some(FinishReason::Eos),
-            None if self.generated().len() >= self.max_tokens => Some(FinishReason::Length),
-            None => None,
-        };
-        if let Some(mut reason) = reason {
-            if !matches!(reason, FinishReason::Stop(_)) {
-                let (rest, stop) = self.flush_text();
-                text.push_str(&rest);
-                if let Some(stop) = stop {
-                    reason = FinishReason::Stop(stop);
-                }
-            }
-            self.finished = true;
-            self.pending_done = Some(self.done_event(reason));
         }
-        Some(Ok(TokenEvent::Token { id, text }))
     }
 }

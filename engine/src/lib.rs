@@ -18,6 +18,7 @@
 //! ```
 
 pub mod adapter;
+pub mod batch;
 pub mod chat;
 pub mod dataset;
 pub mod device;

@@ -6,6 +6,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
 
+use crate::cache::RaggedKvCache;
 use crate::nn::{Linear, RmsNorm};
 use crate::rope::RopeTables;
 use crate::{KvCache, ModelError, WeightSource};
@@ -138,6 +139,11 @@ impl Attention {
         self.shape.kv_heads
     }
 
+    /// The sliding window of this layer's attention, if any.
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.shape.sliding_window
+    }
+
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -145,16 +151,44 @@ impl Attention {
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
+        let start = cache.len();
+        let (q, k, v) = self.project(x, rope);
+        let (keys, values) = cache.append(layer, k, v);
+        let mask = Mask {
+            start,
+            sliding_window: self.shape.sliding_window,
+        };
+        let bias = mask.bias_for(&q, &keys);
+        self.attend_and_merge(q, keys, values, bias)
+    }
+
+    /// One new position per row of sequences of different lengths (continuous batching):
+    /// `x` `[rows, 1, hidden]`, `rope` from [`crate::rope::RotaryEmbedding::tables_per_row`],
+    /// `bias` from [`RaggedKvCache::attention_bias`] for this layer's window.
+    pub fn forward_ragged(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        cache: &mut RaggedKvCache,
+        layer: usize,
+        bias: Tensor<4>,
+    ) -> Tensor<3> {
+        let (q, k, v) = self.project(x, rope);
+        let (keys, values) = cache.append(layer, k, v);
+        self.attend_and_merge(q, keys, values, Some(bias))
+    }
+
+    /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, rotated.
+    fn project(&self, x: Tensor<3>, rope: &RopeTables) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let AttentionShape {
             heads,
             kv_heads,
             head_dim,
             clip_qkv,
-            sliding_window,
             qk_norm,
+            ..
         } = self.shape;
         let [batch, seq, _] = x.dims();
-        let start = cache.len();
         let clip = |t: Tensor<3>| match clip_qkv {
             Some(c) => t.clamp(-c, c),
             None => t,
@@ -176,17 +210,21 @@ impl Attention {
             q = q_norm.forward(q);
             k = k_norm.forward(k);
         }
-        let q = rope.apply(q);
-        let k = rope.apply(k);
-        let v = split(v, kv_heads);
-        let (keys, values) = cache.append(layer, k, v);
-        let mask = Mask {
-            start,
-            sliding_window,
-        };
+        (rope.apply(q), rope.apply(k), split(v, kv_heads))
+    }
+
+    /// Attention of `q` over the cached `keys`/`values`, heads merged, then `o_proj`.
+    fn attend_and_merge(
+        &self,
+        q: Tensor<4>,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        bias: Option<Tensor<4>>,
+    ) -> Tensor<3> {
+        let [batch, heads, seq, head_dim] = q.dims();
         let sinks = self.sinks.as_ref().map(|s| s.val());
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let context = attend(q, keys, values, scale, mask, sinks);
+        let context = attend_with_bias(q, keys, values, scale, bias, sinks);
         let context = context
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * head_dim]);
@@ -208,6 +246,16 @@ impl Mask {
     /// newest position) and no window shorter than the cache.
     fn is_full(&self, seq: usize, total: usize) -> bool {
         seq == 1 && self.sliding_window.is_none_or(|w| w >= total)
+    }
+
+    /// The additive mask `[1, 1, seq, total]` of queries `q` over `keys`, or `None` when
+    /// every query sees every key.
+    fn bias_for(&self, q: &Tensor<4>, keys: &Tensor<4>) -> Option<Tensor<4>> {
+        let (seq, total) = (q.dims()[2], keys.dims()[2]);
+        (!self.is_full(seq, total)).then(|| {
+            self.bias(seq, total, &q.device())
+                .reshape([1, 1, seq, total])
+        })
     }
 
     /// Additive mask `[seq, total]`, built on the device: `-inf` where a key lies after its
@@ -236,17 +284,30 @@ pub fn attend(
     mask: Mask,
     sinks: Option<Tensor<1>>,
 ) -> Tensor<4> {
+    let bias = mask.bias_for(&q, &keys);
+    attend_with_bias(q, keys, values, scale, bias, sinks)
+}
+
+/// [`attend`] with an additive mask `bias` `[1 or batch, 1, seq, total]` (broadcast over
+/// the query heads), or none where every query sees every key.
+pub fn attend_with_bias(
+    q: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+    sinks: Option<Tensor<1>>,
+) -> Tensor<4> {
     let [batch, heads, seq, head_dim] = q.dims();
     let [_, kv_heads, total, _] = keys.dims();
     let value_dim = values.dims()[3];
     let group = heads / kv_heads;
     let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
     let mut scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(scale);
-    if !mask.is_full(seq, total) {
-        // Rows are (group, seq): one [seq, total] mask broadcast over the group.
-        let bias = mask
-            .bias(seq, total, &values.device())
-            .reshape([1, 1, 1, seq, total]);
+    if let Some(bias) = bias {
+        // Rows are (group, seq): one mask per batch row broadcast over the group.
+        let bias_rows = bias.dims()[0];
+        let bias = bias.reshape([bias_rows, 1, 1, seq, total]);
         scores = (scores.reshape([batch, kv_heads, group, seq, total]) + bias).reshape([
             batch,
             kv_heads,

@@ -11,9 +11,9 @@ use crate::attention::{Attention, AttentionSpec};
 use crate::config::BaseConfig;
 use crate::deepseek::LatentAttention;
 use crate::moe::{Routing, SparseMoe};
-use crate::nn::{Embedding, GatedMlp, Linear, RmsNorm, checked_data};
+use crate::nn::{Embedding, GatedMlp, Linear, RmsNorm, checked_data, token_tensor};
 use crate::rope::{RopeTables, RotaryEmbedding};
-use crate::{CausalLm, KvCache, LinearWeight, LogitsMode, ModelError, WeightSource};
+use crate::{CausalLm, KvCache, LinearWeight, LogitsMode, ModelError, RaggedKvCache, WeightSource};
 
 /// The attention of a layer.
 // One per layer and built once: the variants' size difference costs nothing worth a box.
@@ -281,14 +281,22 @@ impl Decoder {
         cache_layer: usize,
         trace: Option<&mut RouterTrace>,
     ) -> Result<Tensor<3>, ModelError> {
+        self.run_layer_with(index, x, trace, |mixer, h| {
+            mixer.forward(h, rope, cache, cache_layer)
+        })
+    }
+
+    /// Layer `index` on `x`, its attention run by `attend(mixer, normed x)`.
+    fn run_layer_with(
+        &self,
+        index: usize,
+        x: Tensor<3>,
+        trace: Option<&mut RouterTrace>,
+        attend: impl FnOnce(&Mixer, Tensor<3>) -> Tensor<3>,
+    ) -> Result<Tensor<3>, ModelError> {
         crate::nn::lora_dropout_layer(index);
         let layer = &self.layers[index];
-        let attn = layer.self_attn.forward(
-            layer.input_layernorm.forward(x.clone()),
-            rope,
-            cache,
-            cache_layer,
-        );
+        let attn = attend(&layer.self_attn, layer.input_layernorm.forward(x.clone()));
         let x = x + attn;
         let h = layer.post_attention_layernorm.forward(x.clone());
         let ff = match &layer.mlp {
@@ -412,6 +420,59 @@ impl CausalLm for Decoder {
             x = x.slice([0..batch, seq - 1..seq, 0..self.info.hidden_size]);
         }
         Ok(self.head(x))
+    }
+
+    fn supports_ragged(&self) -> bool {
+        self.layers
+            .iter()
+            .all(|layer| matches!(layer.self_attn, Mixer::Standard(_)))
+    }
+
+    fn forward_ragged(
+        &self,
+        tokens: &[u32],
+        cache: &mut RaggedKvCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        let rows = tokens.len();
+        if rows == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        if rows != cache.rows() {
+            return Err(ModelError::BatchMismatch(rows, cache.rows()));
+        }
+        if !self.supports_ragged() {
+            return Err(ModelError::RaggedUnsupported);
+        }
+        if !cache.has_room() {
+            return Err(ModelError::ContextOverflow {
+                requested: cache.lens().iter().max().map_or(0, |m| m + 1),
+                capacity: cache.capacity(),
+            });
+        }
+        let device = self.device();
+        let rope = self.rope.tables_per_row(cache.lens(), &device);
+        // One mask per distinct sliding window, shared by the layers that use it.
+        let mut biases: Vec<(Option<usize>, Tensor<4>)> = Vec::new();
+        let mut x = self.embed(token_tensor(tokens, rows, &device));
+        for i in 0..self.layers.len() {
+            let Mixer::Standard(attention) = &self.layers[i].self_attn else {
+                unreachable!("checked by supports_ragged");
+            };
+            let window = attention.sliding_window();
+            let bias = match biases.iter().find(|(w, _)| *w == window) {
+                Some((_, bias)) => bias.clone(),
+                None => {
+                    let bias = cache.attention_bias(window, &device);
+                    biases.push((window, bias.clone()));
+                    bias
+                }
+            };
+            x = self.run_layer_with(i, x, None, |_, h| {
+                attention.forward_ragged(h, &rope, cache, i, bias)
+            })?;
+        }
+        cache.advance();
+        Ok(self.head(x).reshape([rows, self.info.vocab_size]))
     }
 
     fn device(&self) -> Device {

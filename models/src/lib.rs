@@ -19,7 +19,7 @@ pub mod olmoe;
 pub mod qwen_moe;
 pub mod rope;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, RaggedKvCache};
 pub use decoder::{Decoder, RouterTrace};
 pub use factory::{Architecture, SUPPORTED_ARCHITECTURES, SUPPORTED_GGUF_ARCHITECTURES};
 pub use moe::Routing;
@@ -47,6 +47,10 @@ pub enum ModelError {
     EmptyInput,
     #[error("sequence of {requested} tokens exceeds the KV cache capacity of {capacity}")]
     ContextOverflow { requested: usize, capacity: usize },
+    #[error("{0} tokens given for a batch of {1} sequences")]
+    BatchMismatch(usize, usize),
+    #[error("this model cannot decode sequences of different lengths together")]
+    RaggedUnsupported,
     #[error("failed to read tensor `{name}`: {reason}")]
     Weights { name: String, reason: String },
     #[error("tensor `{name}` holds {found} experts, but the config says {config}")]
@@ -161,6 +165,20 @@ pub trait CausalLm: Send + Sync {
         mode: LogitsMode,
         trace: Option<&mut RouterTrace>,
     ) -> Result<Tensor<3>, ModelError>;
+    /// Runs one new token per sequence of `cache` (`tokens[row]`), each after that row's own
+    /// cached positions, appending to it: continuous batching's shared decode step.
+    /// Returns logits `[rows, vocab]`.
+    fn forward_ragged(
+        &self,
+        _tokens: &[u32],
+        _cache: &mut RaggedKvCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        Err(ModelError::RaggedUnsupported)
+    }
+    /// Whether [`CausalLm::forward_ragged`] works for this model.
+    fn supports_ragged(&self) -> bool {
+        false
+    }
     /// The device the weights live on.
     fn device(&self) -> Device;
     /// The LoRA adapters on the model's linear layers (empty without an adapter).

@@ -214,12 +214,13 @@ pub struct RotaryEmbedding {
     head_dim: usize,
 }
 
-/// cos/sin `[seq, head_dim]` (each frequency repeated twice) for consecutive positions,
-/// computed once per forward pass and shared by every layer.
+/// cos/sin (each frequency repeated twice) of the positions one forward pass needs, computed
+/// once per pass and shared by every layer: `[1, 1, seq, head_dim]` for consecutive positions
+/// of every row, or `[batch, 1, 1, head_dim]` for one position per row (batched decoding).
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    cos: Tensor<2>,
-    sin: Tensor<2>,
+    cos: Tensor<4>,
+    sin: Tensor<4>,
     head_dim: usize,
 }
 
@@ -235,10 +236,20 @@ impl RotaryEmbedding {
     /// The tables of positions `start..start + seq`, as transformers computes them
     /// (`position · inv_freq` in f32, then cos/sin times the attention factor).
     pub fn tables(&self, start: usize, seq: usize, device: &Device) -> RopeTables {
-        let shape = [seq, self.head_dim];
-        let mut cos = Vec::with_capacity(seq * self.head_dim);
-        let mut sin = Vec::with_capacity(seq * self.head_dim);
-        for pos in start..start + seq {
+        let positions: Vec<usize> = (start..start + seq).collect();
+        self.tables_of(&positions, [1, 1, seq, self.head_dim], device)
+    }
+
+    /// The tables of one position per batch row (`positions[row]`), for decoding sequences
+    /// of different lengths together.
+    pub fn tables_per_row(&self, positions: &[usize], device: &Device) -> RopeTables {
+        self.tables_of(positions, [positions.len(), 1, 1, self.head_dim], device)
+    }
+
+    fn tables_of(&self, positions: &[usize], shape: [usize; 4], device: &Device) -> RopeTables {
+        let mut cos = Vec::with_capacity(positions.len() * self.head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * self.head_dim);
+        for &pos in positions {
             for _ in 0..2 {
                 for f in &self.inv_freq {
                     let angle = pos as f32 * f;
@@ -258,8 +269,7 @@ impl RotaryEmbedding {
 impl RopeTables {
     /// Rotates `x` `[batch, heads, seq, head_dim]` in the rotate-half layout.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let cos = self.cos.clone().unsqueeze::<4>();
-        let sin = self.sin.clone().unsqueeze::<4>();
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
         let half = self.head_dim / 2;
         let first = x.clone().narrow(3, 0, half);
         let second = x.clone().narrow(3, half, half);

@@ -480,3 +480,79 @@ fn train_writes_an_adapter_that_logits_loads() {
         "{stderr}"
     );
 }
+
+/// `moera serve`: refuses a public address without a key, serves on loopback, and exits
+/// cleanly on SIGTERM.
+#[cfg(feature = "server")]
+#[test]
+fn serve_refuses_public_addresses_without_a_key_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let model = crate::common::fixtures().join("tiny-chat");
+    let model = model.to_str().expect("UTF-8 path");
+    let refused = Command::new(env!("CARGO_BIN_EXE_moera"))
+        .args([
+            "serve", "--model", model, "--host", "0.0.0.0", "--port", "0",
+        ])
+        .env("MOERA_DEVICE", "flex")
+        .env_remove("MOERA_API_KEY")
+        .output()
+        .expect("run moera serve");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "served publicly without a key");
+    assert!(stderr.contains("without an API key"), "{stderr}");
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_moera"))
+        .args(["serve", "--model", model, "--port", "0"])
+        .env("MOERA_DEVICE", "flex")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("MOERA_API_KEY")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moera serve");
+    let mut lines = BufReader::new(server.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server logs its address")
+            .expect("log line");
+        if let Some(at) = line.find("listening on http://") {
+            let rest = &line[at + "listening on http://".len()..];
+            break rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
+                .collect::<String>();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"status\":\"ok\""), "{response}");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -57,12 +57,18 @@ pub fn load_on(path: &Path, device: &Device) -> Model {
         .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
-/// The wgpu device (lavapipe in CI).
-#[cfg(feature = "wgpu")]
-pub fn wgpu() -> Device {
-    moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device")
+/// The GPU device under test: CUDA when built with `cuda` (unless `MOERA_DEVICE=wgpu`), else
+/// wgpu (Mesa lavapipe in CI).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn gpu() -> Device {
+    use moera::engine::DeviceKind;
+    let kind = match DeviceKind::default_kind() {
+        Ok(kind) if kind != DeviceKind::Flex => kind,
+        _ if cfg!(feature = "cuda") => DeviceKind::Cuda,
+        _ => DeviceKind::Wgpu,
+    };
+    kind.device()
+        .unwrap_or_else(|e| panic!("{kind} device: {e}"))
 }
 
 pub fn flex() -> Device {

@@ -166,10 +166,10 @@ fn cross_encoder_matches_sentence_transformers() {
     check_cross_encoder(&flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn cross_encoder_matches_sentence_transformers_on_wgpu() {
-    check_cross_encoder(&wgpu());
+    check_cross_encoder(&gpu());
 }
 
 /// Heads, architectures, modules and activations the reranker cannot run are clear errors.

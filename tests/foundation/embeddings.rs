@@ -67,10 +67,10 @@ fn minilm_embeddings_match_sentence_transformers() {
     check_minilm(&flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn minilm_embeddings_match_sentence_transformers_on_wgpu() {
-    check_minilm(&wgpu());
+    check_minilm(&gpu());
 }
 
 /// A configuration the encoder cannot run, or a folder without weights, is a clear error.

@@ -43,10 +43,10 @@ fn tiny_llama_with_linear_rope_matches_transformers() {
     check_parity("tiny-llama-linear", &flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn tiny_llama_matches_transformers_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     for name in ["tiny-llama", "tiny-llama-llama3"] {
         check_parity(name, &device);
     }

@@ -236,10 +236,10 @@ fn named_adapters_are_chosen_per_request() {
     assert!(err.to_string().contains("one adapter"), "{err}");
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn peft_adapter_gives_peft_logits_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     check_peft_logits(&device);
 }
 
@@ -351,10 +351,10 @@ fn lora_loss_and_gradients_match_peft() {
     check_loss_and_gradients(&Device::flex().autodiff());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn lora_loss_and_gradients_match_peft_on_wgpu() {
-    check_loss_and_gradients(&wgpu().autodiff());
+    check_loss_and_gradients(&gpu().autodiff());
 }
 
 fn check_loss_and_gradients(device: &Device) {
@@ -425,7 +425,7 @@ fn values(tensor: Tensor<2>) -> Vec<f32> {
 /// update in their epilogue, forward and backward) give the loss and LoRA gradients of the
 /// CPU path (weights dequantized on the host, burn's autodiff) for the same quantized model.
 /// The loss stays near PEFT's over the f32 base.
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn lora_over_a_quantized_base_matches_on_wgpu_and_flex() {
     use moera::engine::Quantization;
@@ -445,7 +445,7 @@ fn lora_over_a_quantized_base_matches_on_wgpu_and_flex() {
             model.expect("load quantized with adapter")
         };
         let (cpu_loss, cpu_grads) = loss_and_lora_gradients(&load(&flex().autodiff()), &reference);
-        let (gpu_loss, gpu_grads) = loss_and_lora_gradients(&load(&wgpu().autodiff()), &reference);
+        let (gpu_loss, gpu_grads) = loss_and_lora_gradients(&load(&gpu().autodiff()), &reference);
         let peft = reference["loss"].1[0];
         assert!(
             (cpu_loss as f64 - peft).abs() < loss_tolerance,

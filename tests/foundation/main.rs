@@ -2,6 +2,7 @@
 //! the CLI, and bad input. One test binary for the whole area keeps CI link time small.
 
 mod bad_input;
+mod batching;
 mod cli;
 mod common;
 mod cross_encoder;

@@ -179,10 +179,10 @@ fn gpt_oss_with_sinks_and_sliding_window_matches_transformers() {
     check_moe_parity("tiny-gpt-oss", &flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn moe_architectures_match_transformers_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     for name in MOE_FIXTURES.iter().chain(&["tiny-qwen2", "tiny-qwen3"]) {
         check_moe_parity(name, &device);
     }
@@ -238,10 +238,10 @@ fn quantized_moe_gguf_files_match_transformers() {
 }
 
 /// The GPU kernels decode the blocks in f32: transformers' logits within the f32 tolerance.
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn quantized_moe_gguf_files_match_transformers_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     check_quantized_moe_ggufs(&device, LOGITS_TOLERANCE);
 }
 
@@ -279,10 +279,10 @@ fn in_situ_int8_quantizes_the_experts_as_torch_does() {
     check_in_situ_int8(&flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn in_situ_int8_quantizes_the_experts_as_torch_does_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     check_in_situ_int8(&device);
 }
 
@@ -366,12 +366,12 @@ fn dense_qwen3_with_tied_head_matches_transformers() {
 /// Every MoE fixture (and the GGUFs, f32 and quantized), prefilled (grouped GEMM) then
 /// decoded a token at a time (GEMV), gives the same logits and expert choices with the
 /// kernels as with the reference path.
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn moe_fixtures_match_the_reference_path_with_kernels_on_wgpu() {
     use moera::kernels::{KernelPath, with_kernel_path};
 
-    let device = wgpu();
+    let device = gpu();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 200).collect();
     let run = |model: &Model| -> (Vec<f32>, Vec<(usize, Vec<u32>)>) {
         let (mut logits, trace) = model.logits_with_routing(&prompt).expect("forward");

@@ -145,11 +145,11 @@ fn real_tensors_dequantize_like_the_gguf_package() {
     }
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn greedy_continuation_matches_transformers_on_wgpu() {
     let Some(path) = smollm2_path() else { return };
-    let device = wgpu();
+    let device = gpu();
     let model = load_on(&path, &device);
     let reference = reference(&fixtures().join("smollm2_reference.safetensors"));
     let prompt = ids(&reference["prompt_ids"].1);

@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use moera::kernels::{KernelPath, LoraUpdate, QuantLinear, with_kernel_path};
 
 use crate::quant::sweep;
-use crate::{pseudo_random, relative_error, values, wgpu};
+use crate::{gpu, pseudo_random, relative_error, values};
 
 const RANK: usize = 4;
 const LORA_SCALE: f32 = 0.75;
@@ -73,7 +73,7 @@ fn forward_backward(
 
 #[test]
 fn fused_lora_linear_matches_the_reference_forward_and_backward_on_wgpu() {
-    for device in [wgpu(), wgpu().autodiff()] {
+    for device in [gpu(), gpu().autodiff()] {
         for matrix in sweep() {
             let (format, rows, cols) = (matrix.format, matrix.rows, matrix.cols);
             let linear = QuantLinear::new(matrix, &device);

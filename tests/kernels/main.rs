@@ -1,9 +1,9 @@
 //! Kernel tests: each kernel against its plain-burn reference (on flex, and on wgpu in CI),
 //! and the quantized formats against the `gguf` Python package's dequantization.
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod lora;
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod moe;
 mod quant;
 
@@ -43,9 +43,16 @@ pub fn values(tensor: burn::tensor::Tensor<2>) -> Vec<f32> {
     tensor.into_data().convert::<f32>().try_into_vec().unwrap()
 }
 
-#[cfg(feature = "wgpu")]
-pub fn wgpu() -> burn::tensor::Device {
-    moera::engine::DeviceKind::Wgpu
-        .device()
-        .expect("wgpu device")
+/// The GPU device under test: CUDA when built with `cuda` (unless `MOERA_DEVICE=wgpu`), else
+/// wgpu (Mesa lavapipe in CI).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn gpu() -> burn::tensor::Device {
+    use moera::engine::DeviceKind;
+    let kind = match DeviceKind::default_kind() {
+        Ok(kind) if kind != DeviceKind::Flex => kind,
+        _ if cfg!(feature = "cuda") => DeviceKind::Cuda,
+        _ => DeviceKind::Wgpu,
+    };
+    kind.device()
+        .unwrap_or_else(|e| panic!("{kind} device: {e}"))
 }

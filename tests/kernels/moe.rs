@@ -85,7 +85,7 @@ fn router_logits(tokens: usize, experts: usize) -> Vec<f32> {
 
 #[test]
 fn routing_kernel_matches_the_reference_router_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     with_kernel_path(KernelPath::Fast, || {
         for s in routing_specs() {
             let (experts, k) = (s.num_experts, s.top_k);
@@ -180,7 +180,7 @@ fn experts_module(
 
 #[test]
 fn dispatch_kernel_matches_the_reference_dispatch_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     // (experts, top_k, tokens, how slots pick experts): decode sizes take the GEMV, the
     // rest the sorted grouped GEMM (blocks of 8 slots); hidden 40 and intermediate 24 are
     // ragged against the 64-thread column blocks.
@@ -278,7 +278,7 @@ fn random_blocks(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Qu
 /// 64- and 128-thread column blocks.
 #[test]
 fn quantized_dispatch_kernel_matches_the_reference_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     let int4 = |group, asymmetric| QuantFormat::Int4 { group, asymmetric };
     let formats = [
         (QuantFormat::Q4_0, 64, 96),

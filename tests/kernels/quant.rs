@@ -56,10 +56,10 @@ fn gguf_blocks_dequantize_exactly_as_the_gguf_package() {
     }
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn gguf_blocks_dequantize_exactly_on_wgpu() {
-    let device = wgpu();
+    let device = gpu();
     for (matrix, expected) in gguf_matrices() {
         let format = matrix.format;
         let linear = QuantLinear::new(matrix, &device);
@@ -110,7 +110,7 @@ fn check_against_reference(device: &Device) {
 }
 
 fn check_sweep(device: &Device) {
-    let on_cpu = !cfg!(feature = "wgpu") || *device == Device::flex();
+    let on_cpu = *device == Device::flex();
     for matrix in sweep() {
         let (format, rows, cols) = (matrix.format, matrix.rows, matrix.cols);
         // The CPU decodes 4-bit blocks of 32 with 8-bit activations (llama.cpp's scheme):
@@ -177,10 +177,10 @@ fn cpu_kernel_matches_the_reference() {
     check_against_reference(&Device::flex());
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
 fn cube_kernels_match_the_reference_on_wgpu() {
-    check_against_reference(&wgpu());
+    check_against_reference(&gpu());
 }
 
 #[test]
