@@ -82,3 +82,53 @@ async fn the_web_page_in_chromium() {
     run(command, "page_test.mjs").await;
     eprintln!("screenshots under {}", out.display());
 }
+
+/// The default real model, SmolLM2-135M-Instruct (GGUF Q4_1), behind the server: a chat
+/// answer that knows the capital of France, then the official client's checks. Needs the
+/// model cache (`scripts/fetch-models.sh smollm2`); `MOERA_REQUIRE_SMOLLM2=1` makes its
+/// absence a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_behind_the_openai_api() {
+    let path = moera_engine::hub::resolve_model("smollm2");
+    if !path.exists() {
+        return skip(
+            "MOERA_REQUIRE_SMOLLM2",
+            "smollm2 is not in the model cache (scripts/fetch-models.sh smollm2)",
+        );
+    }
+    let server = TestServer::start_with(|config| {
+        config.models = vec![moera_server::ModelSpec::new("smollm2", path)];
+        config.default_max_tokens = 16;
+    })
+    .await;
+    let request = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let (status, body) = server.post("/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let answer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(answer.contains("Paris"), "SmolLM2 answered {answer:?}");
+
+    let has_openai = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        return skip(
+            "MOERA_REQUIRE_OPENAI",
+            "python3 cannot import openai (pip install openai)",
+        );
+    }
+    let mut command = Command::new("python3");
+    command
+        .arg(manifest_dir().join("tests/openai_check.py"))
+        .args(["--base-url", &server.url("/v1")])
+        .args(["--api-key", KEY])
+        .args(["--model", "smollm2"]);
+    run(command, "openai_check.py (SmolLM2)").await;
+}
