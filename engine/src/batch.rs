@@ -193,20 +193,27 @@ impl Scheduler {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
-        if counters.waiting.load(Ordering::SeqCst) >= self.shared.config.max_waiting {
-            return Err(Error::Overloaded {
-                waiting: self.shared.config.max_waiting,
-            });
-        }
         let (sequence, lora_slot) = self.shared.model.start_sequence(&request)?;
         let prompt_tokens = sequence.capacity() - request.max_tokens;
+        // Reserve a place in the queue atomically: concurrent callers cannot overshoot it.
+        let max_waiting = self.shared.config.max_waiting;
+        if counters
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                (waiting < max_waiting).then_some(waiting + 1)
+            })
+            .is_err()
+        {
+            return Err(Error::Overloaded {
+                waiting: max_waiting,
+            });
+        }
         let (events, receiver) = unbounded();
         let job = Job {
             sequence,
             lora_slot,
             events,
         };
-        counters.waiting.fetch_add(1, Ordering::SeqCst);
         let sent = lock(&self.shared.jobs)
             .as_ref()
             .is_some_and(|jobs| jobs.send(job).is_ok());
