@@ -2,7 +2,8 @@
 //! `CLIENTS` sequences submitted together to one `Scheduler` (they share decode steps).
 //!
 //! `cargo bench --bench batching -- [CLIENTS] [TOKENS]` (default 32 clients, 64 tokens each)
-//! on SmolLM2-135M (`MOERA_MODEL` names another model or folder, `MOERA_DEVICE` the device).
+//! on SmolLM2-135M (`MOERA_MODEL` names another model or folder, `MOERA_DEVICE` the device,
+//! `MOERA_QUANT` the weights' precision: `auto` keeps the GGUF's blocks, `none` is f32).
 //! Greedy decoding with end-of-sequence ignored, so every sequence makes `TOKENS` tokens.
 //! Prints one JSON line.
 
@@ -11,7 +12,9 @@ use std::time::Instant;
 
 use moera::engine::batch::{Scheduler, SchedulerConfig};
 use moera::engine::hub::resolve_model;
-use moera::engine::{DeviceKind, GenerationRequest, Model, SamplingParams, TokenEvent};
+use moera::engine::{
+    DeviceKind, GenerationRequest, LoadOptions, Model, SamplingParams, TokenEvent,
+};
 
 #[path = "../src/allocator.rs"]
 mod allocator;
@@ -61,7 +64,14 @@ fn main() {
     let name = std::env::var("MOERA_MODEL").unwrap_or_else(|_| "smollm2".into());
     let kind = DeviceKind::default_kind().expect("MOERA_DEVICE");
     let device = kind.device().expect("device");
-    let model = Arc::new(Model::load_on(resolve_model(&name), &device, &mut |_| {}).expect("load"));
+    let quant = std::env::var("MOERA_QUANT").unwrap_or_else(|_| "auto".into());
+    let options = LoadOptions {
+        quantization: quant.parse().expect("MOERA_QUANT"),
+        ..LoadOptions::default()
+    };
+    let model = Arc::new(
+        Model::load_with(resolve_model(&name), &device, options, &mut |_| {}).expect("load"),
+    );
     let scheduler = Scheduler::start(
         model,
         SchedulerConfig {
@@ -79,6 +89,7 @@ fn main() {
         serde_json::json!({
             "model": name,
             "device": kind.to_string(),
+            "quant": quant,
             "clients": clients,
             "tokens_per_client": tokens,
             "single_tokens_per_second": single_n as f64 / single_s,
