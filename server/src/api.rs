@@ -78,6 +78,15 @@ pub struct QueryRequest {
     pub model: Option<String>,
 }
 
+/// Retrieval of `k` passages: four times as many candidates (at least 20) to rerank.
+pub(crate) fn query_options(k: usize) -> QueryOptions {
+    QueryOptions {
+        k,
+        candidates: (k * 4).max(20),
+        ..QueryOptions::default()
+    }
+}
+
 pub(crate) fn check_k(k: Option<usize>) -> Result<usize, ApiError> {
     match k.unwrap_or(5) {
         k @ 1..=MAX_K => Ok(k),
@@ -151,10 +160,8 @@ pub async fn query(
             .with_generator(Arc::new(generator), state.inner.breaker.clone()),
     );
     let options = QueryOptions {
-        k,
-        candidates: (k * 4).max(20),
         max_tokens,
-        ..QueryOptions::default()
+        ..query_options(k)
     };
     let answer = pipeline.query(&question, &options).await?;
     if let Some(cache) = &cache

@@ -184,7 +184,8 @@ pub fn fit_grounded_prompt(
     loop {
         let messages = grounded_prompt(question, &passages);
         let tokens = model.prompt_ids(&Prompt::Chat(messages.clone()))?.len();
-        if tokens + reserve <= context || passages.is_empty() {
+        // `reserve` may be a client's max_tokens: any size must not overflow.
+        if tokens.saturating_add(reserve) <= context || passages.is_empty() {
             return Ok((messages, passages));
         }
         passages.pop();

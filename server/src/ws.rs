@@ -7,13 +7,13 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Path, State};
 use axum::response::Response;
-use moera_engine::rag::pipeline::{Passage, QueryOptions, RagPipeline};
+use moera_engine::rag::pipeline::{Passage, RagPipeline};
 use moera_engine::{Prompt, TokenEvent};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::api::{check_k, collection, require_embedder};
+use crate::api::{check_k, collection, query_options, require_embedder};
 use crate::error::ApiError;
 use crate::jobs::{Job, is_terminal};
 use crate::openai::{
@@ -212,12 +212,7 @@ async fn generate(state: &AppState, socket: &mut WebSocket, text: &str) -> Resul
             });
             let (messages, passages) = tokio::task::spawn_blocking(move || {
                 let pipeline = RagPipeline::new(embedder, collection);
-                let options = QueryOptions {
-                    k,
-                    candidates: (k * 4).max(20),
-                    ..QueryOptions::default()
-                };
-                let found = pipeline.search(&question, &options)?;
+                let found = pipeline.search(&question, &query_options(k))?;
                 fit_grounded_prompt(&model, &question, found.sources, reserve)
             })
             .await

@@ -33,13 +33,16 @@ async fn run(mut command: Command, what: &str) {
     assert!(output.status.success(), "{what} failed: {}", output.status);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_python_client() {
-    let has_openai = Command::new("python3")
+fn python_has_openai() -> bool {
+    Command::new("python3")
         .args(["-c", "import openai"])
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_openai {
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_client() {
+    if !python_has_openai() {
         return skip(
             "MOERA_REQUIRE_OPENAI",
             "python3 cannot import openai (pip install openai)",
@@ -114,11 +117,7 @@ async fn smollm2_behind_the_openai_api() {
         .unwrap_or_default();
     assert!(answer.contains("Paris"), "SmolLM2 answered {answer:?}");
 
-    let has_openai = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_openai {
+    if !python_has_openai() {
         return skip(
             "MOERA_REQUIRE_OPENAI",
             "python3 cannot import openai (pip install openai)",
