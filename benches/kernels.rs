@@ -5,6 +5,11 @@
 //! is its achieved bandwidth; `copy` measures the device's copy bandwidth (read + write of a
 //! 64 MiB buffer) to compare it with.
 //!
+//! `attention`: the fused causal attention (flex) against the composite of burn ops that
+//! other devices run, at SmolLM2's heads (9 query, 3 key/value, 64 wide): one decoded
+//! position over 512 cached keys, a 128-token prefill, and a training step's forward and
+//! backward over 1024 positions.
+//!
 //!     RAYON_NUM_THREADS=2 cargo bench --bench kernels
 //!     MOERA_DEVICE=wgpu cargo bench --bench kernels --features wgpu   # or cuda
 
@@ -13,7 +18,11 @@ use std::time::Duration;
 use burn::tensor::{Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use moera::engine::DeviceKind;
-use moera::kernels::{QuantFormat, QuantLinear, QuantizedMatrix};
+use moera::kernels::{
+    CausalMask, KernelPath, QuantFormat, QuantLinear, QuantizedMatrix, fused_attention,
+    with_kernel_path,
+};
+use moera::models::attention::{Mask, attend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -84,5 +93,70 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn bench_attention(c: &mut Criterion) {
+    let device = DeviceKind::default_kind()
+        .and_then(|kind| kind.device())
+        .expect("device");
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut group = c.benchmark_group("attention");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let (heads, kv_heads, head_dim) = (9, 3, 64);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let cases = [
+        ("decode/512", 1, 511, false),
+        ("prefill/128", 128, 0, false),
+        ("train/1024", 1024, 0, true),
+    ];
+    for (name, seq, start, train) in cases {
+        let device = if train {
+            device.clone().autodiff()
+        } else {
+            device.clone()
+        };
+        let mut tensor = |shape: [usize; 4]| {
+            let t = Tensor::<4>::from_data(
+                TensorData::new(random(&mut rng, shape.iter().product()), shape),
+                &device,
+            );
+            if train { t.require_grad() } else { t }
+        };
+        let q = tensor([1, heads, seq, head_dim]);
+        let k = tensor([1, kv_heads, start + seq, head_dim]);
+        let v = tensor([1, kv_heads, start + seq, head_dim]);
+        let mask = Mask {
+            start,
+            sliding_window: None,
+        };
+        let run = |path| {
+            with_kernel_path(path, || {
+                let out = attend(q.clone(), k.clone(), v.clone(), scale, mask, None);
+                if train {
+                    let grads = out.sum().backward();
+                    q.grad(&grads)
+                        .map(|g| g.slice([0..1, 0..1, 0..1, 0..1]).into_data());
+                } else {
+                    out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+                }
+            })
+        };
+        let causal = CausalMask {
+            start,
+            window: None,
+        };
+        if fused_attention(&q, &k, &v, scale as f32, causal).is_some() {
+            group.bench_function(format!("fused/{name}"), |b| {
+                b.iter(|| run(KernelPath::Fast))
+            });
+        }
+        group.bench_function(format!("composite/{name}"), |b| {
+            b.iter(|| run(KernelPath::Reference))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_attention);
 criterion_main!(benches);

@@ -63,6 +63,26 @@ pub fn quant_matmul(w: &QuantizedMatrix, rows: Range<usize>, x: &[f32], m: usize
     out
 }
 
+/// `exp(x)` for `x ≤ 0` (below −87 it is 0): `2ⁿ·e^r` with `r` in about ±ln2/2 and a
+/// degree-6 polynomial for `e^r` (Cephes' `expf`).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    let x = x.max(-87.0);
+    // Rounds the non-positive `x·log2 e` to nearest (a cast truncates toward zero).
+    let n = (x * LOG2_E - 0.5) as i32;
+    let nf = n as f32;
+    let r = x - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    e_r * f32::from_bits(((n + 127) as u32) << 23)
+}
+
 pub(crate) fn simd_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {

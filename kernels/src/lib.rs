@@ -25,6 +25,9 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 mod activation;
+mod attention;
+#[cfg(feature = "flex")]
+mod attention_cpu;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
@@ -33,6 +36,7 @@ pub mod moe;
 pub mod quant;
 
 pub use activation::gelu;
+pub use attention::{CausalMask, fused_attention};
 pub use linear::{LoraUpdate, QuantLinear};
 pub use quant::{QuantFormat, QuantizedMatrix};
 

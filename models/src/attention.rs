@@ -5,6 +5,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
+use moera_kernels::{CausalMask, fused_attention};
 
 use crate::cache::RaggedKvCache;
 use crate::nn::{Linear, RmsNorm};
@@ -158,8 +159,8 @@ impl Attention {
             start,
             sliding_window: self.shape.sliding_window,
         };
-        let bias = mask.bias_for(&q, &keys);
-        self.attend_and_merge(q, keys, values, bias)
+        let context = attend(q, keys, values, self.scale(), mask, self.sinks());
+        self.merge_heads(context)
     }
 
     /// One new position per row of sequences of different lengths (continuous batching):
@@ -175,7 +176,8 @@ impl Attention {
     ) -> Tensor<3> {
         let (q, k, v) = self.project(x, rope);
         let (keys, values) = cache.append(layer, k, v);
-        self.attend_and_merge(q, keys, values, Some(bias))
+        let context = attend_with_bias(q, keys, values, self.scale(), Some(bias), self.sinks());
+        self.merge_heads(context)
     }
 
     /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, rotated.
@@ -213,18 +215,17 @@ impl Attention {
         (rope.apply(q), rope.apply(k), split(v, kv_heads))
     }
 
-    /// Attention of `q` over the cached `keys`/`values`, heads merged, then `o_proj`.
-    fn attend_and_merge(
-        &self,
-        q: Tensor<4>,
-        keys: Tensor<4>,
-        values: Tensor<4>,
-        bias: Option<Tensor<4>>,
-    ) -> Tensor<3> {
-        let [batch, heads, seq, head_dim] = q.dims();
-        let sinks = self.sinks.as_ref().map(|s| s.val());
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let context = attend_with_bias(q, keys, values, scale, bias, sinks);
+    fn scale(&self) -> f64 {
+        1.0 / (self.shape.head_dim as f64).sqrt()
+    }
+
+    fn sinks(&self) -> Option<Tensor<1>> {
+        self.sinks.as_ref().map(|s| s.val())
+    }
+
+    /// Per-head attention outputs `[batch, heads, seq, head_dim]` merged, then `o_proj`.
+    fn merge_heads(&self, context: Tensor<4>) -> Tensor<3> {
+        let [batch, heads, seq, head_dim] = context.dims();
         let context = context
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * head_dim]);
@@ -272,7 +273,8 @@ impl Mask {
     }
 }
 
-/// Scaled dot-product attention without repeating keys: the `g` query heads that share a
+/// Scaled dot-product attention without repeating keys. Where the device has it (flex) this
+/// is the fused causal kernel of `moera_kernels`; otherwise the `g` query heads that share a
 /// key/value head are stacked along the sequence axis, so each KV head is read once.
 /// `q`: `[b, heads, t, d]`, `keys`: `[b, kv_heads, s, d]`, `values`: `[b, kv_heads, s, dv]`.
 /// `sinks` (`[heads]`) join each softmax as one extra logit whose probability is dropped.
@@ -284,6 +286,15 @@ pub fn attend(
     mask: Mask,
     sinks: Option<Tensor<1>>,
 ) -> Tensor<4> {
+    if sinks.is_none() {
+        let causal = CausalMask {
+            start: mask.start,
+            window: mask.sliding_window,
+        };
+        if let Some(context) = fused_attention(&q, &keys, &values, scale as f32, causal) {
+            return context;
+        }
+    }
     let bias = mask.bias_for(&q, &keys);
     attend_with_bias(q, keys, values, scale, bias, sinks)
 }

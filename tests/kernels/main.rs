@@ -1,6 +1,7 @@
 //! Kernel tests: each kernel against its plain-burn reference (on flex, and on wgpu in CI),
 //! and the quantized formats against the `gguf` Python package's dequantization.
 
+mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod lora;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
