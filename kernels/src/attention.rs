@@ -43,12 +43,14 @@ pub fn fused_attention(
     {
         let [batch, heads, _, head_dim] = q.dims();
         let [k_batch, kv_heads, total, k_dim] = k.dims();
-        let [v_batch, v_heads, v_total, _] = v.dims();
+        let [v_batch, v_heads, v_total, value_dim] = v.dims();
         let shapes_agree = batch == k_batch
             && batch == v_batch
             && kv_heads == v_heads
             && total == v_total
             && head_dim == k_dim
+            && head_dim > 0
+            && value_dim > 0
             && kv_heads > 0
             && heads.is_multiple_of(kv_heads);
         let f32s = [q, k, v]

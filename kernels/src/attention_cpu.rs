@@ -188,16 +188,16 @@ pub(crate) fn backward(
     assert_eq!(d_out.len(), p.output_len(), "output gradient");
     let (rows, dq_width, dv_width) = (p.queries, p.head_dim, p.value_dim);
     let mut d_q = vec![0f32; p.query_len()];
+    if rows == 0 {
+        return (d_q, vec![0f32; p.key_len()], vec![0f32; p.value_len()]);
+    }
     // Each query head's share of its key/value head's gradients, summed over the group below.
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = d_q
-        .par_chunks_mut((rows * dq_width).max(1))
+        .par_chunks_mut(rows * dq_width)
         .enumerate()
         .map(|(bh, d_q)| {
             let mut d_k = vec![0f32; p.keys * dq_width];
             let mut d_v = vec![0f32; p.keys * dv_width];
-            if rows == 0 {
-                return (d_k, d_v);
-            }
             let head_rows = bh * rows..(bh + 1) * rows;
             let out = &out[head_rows.start * dv_width..head_rows.end * dv_width];
             let d_out = &d_out[head_rows.start * dv_width..head_rows.end * dv_width];
