@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use moera_kernels::fused_linear_cross_entropy;
 use moera_models::Architecture;
 use moera_models::factory::{gguf_name, hf_config_from_gguf};
 use moera_models::nn::token_tensor;
@@ -51,6 +52,31 @@ impl LossTargets {
         (log_probs.reshape([rows]) * weights)
             .sum()
             .div_scalar(-(self.scored as f32))
+    }
+
+    /// [`Self::loss`] of the logits `decoder` makes of its last layer's output `hidden`
+    /// `[batch, seq, hidden]`: where the device has the fused kernel (flex) and the head is a
+    /// plain product, the head and the cross-entropy run as one operation and the
+    /// `[rows, vocab]` logits are never stored.
+    pub fn loss_of_hidden(&self, decoder: &Decoder, hidden: Tensor<3>) -> Tensor<1> {
+        let normed = decoder.final_norm(hidden);
+        if let Some(weight) = decoder.plain_output_weight() {
+            let width = normed.dims()[2];
+            let rows = self.batch * (self.seq - 1);
+            let scored = normed
+                .clone()
+                .narrow(1, 0, self.seq - 1)
+                .reshape([rows, width]);
+            // Ignored positions have weight 0 (their target 0 is never read as a label).
+            let targets: Vec<u32> = self.targets.iter().map(|&t| t.max(0) as u32).collect();
+            let share = 1.0 / self.scored.max(1) as f32;
+            let row_weights: Vec<f32> = self.weights.iter().map(|w| w * share).collect();
+            if let Some(loss) = fused_linear_cross_entropy(&scored, &weight, &targets, &row_weights)
+            {
+                return loss;
+            }
+        }
+        self.loss(decoder.output(normed))
     }
 }
 
@@ -361,8 +387,8 @@ impl Model {
         let device = decoder.device();
         let tokens = token_tensor(&targets.tokens, targets.batch, &device);
         let mut cache = decoder.new_cache(targets.batch, targets.seq);
-        let logits = decoder.forward(tokens, &mut cache, LogitsMode::All)?;
-        Ok(targets.loss(logits))
+        let hidden = decoder.final_hidden(tokens, &mut cache)?;
+        Ok(targets.loss_of_hidden(decoder, hidden))
     }
 
     /// Checks a batch for [`Model::loss`] and lays out its targets.

@@ -825,7 +825,7 @@ fn layer_checkpointed_gradients(
 
     let mut accumulator = GradientsAccumulator::<Decoder>::new();
     let hidden = x.autodiff().require_grad();
-    let loss = targets.loss(decoder.head(hidden.clone()));
+    let loss = targets.loss_of_hidden(decoder, hidden.clone());
     let value = scalar(&loss);
     let mut grads = loss.backward();
     let mut upstream = output_gradient(&hidden, &grads)?;

@@ -56,7 +56,7 @@ pub fn fused_attention(
         let f32s = [q, k, v]
             .iter()
             .all(|t| t.dtype() == burn::tensor::DType::F32);
-        if shapes_agree && f32s && flex::runs_fused(&q.device()) {
+        if shapes_agree && f32s && crate::flex::runs_fused(&q.device()) {
             return Some(flex::attention(q, k, v, scale, mask));
         }
     }
@@ -74,27 +74,12 @@ mod flex {
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
-    use burn::backend::{
-        Autodiff, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
-    };
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+    use burn::tensor::Tensor;
 
     use super::CausalMask;
     use crate::attention_cpu::{self, Problem};
-    use crate::{Executor, executor};
-
-    /// Flex, with or without autodiff, on the fast path.
-    pub(super) fn runs_fused(device: &Device) -> bool {
-        if executor(device) != Executor::Cpu {
-            return false;
-        }
-        #[allow(unreachable_patterns)] // flex and autodiff may be the only devices built
-        match device.as_dispatch() {
-            DispatchDevice::Flex(_) => true,
-            DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
-            _ => false,
-        }
-    }
+    use crate::flex::{host, tensor, values};
 
     pub(super) fn attention(
         q: &Tensor<4>,
@@ -171,23 +156,6 @@ mod flex {
             start,
             window,
         }
-    }
-
-    /// The tensor's values in row-major order (copied only if it is a strided view).
-    fn host(t: &FlexTensor) -> FlexTensor {
-        if t.as_slice::<f32>().is_some() {
-            t.clone()
-        } else {
-            t.to_contiguous()
-        }
-    }
-
-    fn values(t: &FlexTensor) -> &[f32] {
-        t.as_slice::<f32>().expect("made contiguous by `host`")
-    }
-
-    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::from_data(TensorData::new(values, shape))
     }
 
     impl AttentionKernels for Flex {

@@ -12,7 +12,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::cpu::{exp_nonpositive, simd_available};
+use crate::cpu::{exp_nonpositive, lanes_max, lanes_sum, simd_available};
+use crate::cpu_gemm::{View, gemm};
 
 /// Query rows per block: a block's scores (`BLOCK × keys` floats) stay in L2.
 const BLOCK: usize = 64;
@@ -268,88 +269,6 @@ fn local(range: Range<usize>, span: &Range<usize>) -> Range<usize> {
     range.start - span.start..range.end - span.start
 }
 
-/// A strided read-only matrix.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> View<'a> {
-    /// The first `rows × cols` values of `data`, row by row.
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
-    }
-}
-
-/// `dst = alpha·lhs·rhs` (`+ dst` with `accumulate`), `dst` row-major `[lhs.rows, rhs.cols]`.
-fn gemm(dst: &mut [f32], lhs: View, rhs: View, alpha: f32, accumulate: bool) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    assert_eq!(rhs.rows, k, "inner dimensions");
-    assert!(dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds());
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the three matrices lie inside their slices (checked above) and `dst` does not
-    // alias the inputs (it is borrowed mutably).
-    unsafe {
-        ::gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            ::gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Softmax of `row[visible]` in place, zeros elsewhere; returns the log-sum-exp.
 fn softmax_row(row: &mut [f32], visible: Range<usize>) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -419,36 +338,6 @@ fn score_gradient_row(d: &mut [f32], p: &[f32], delta: f32, scale: f32) {
     for (d, &p) in d.iter_mut().zip(p) {
         *d = p * (*d - delta) * scale;
     }
-}
-
-/// Eight running lanes, so the reduction vectorizes.
-#[inline(always)]
-fn lanes_sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += x;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn lanes_max(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(x);
-        }
-    }
-    lanes.iter().fold(tail, |m, &x| m.max(x))
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

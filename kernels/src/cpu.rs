@@ -83,6 +83,36 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     e_r * f32::from_bits(((n + 127) as u32) << 23)
 }
 
+/// Eight running lanes, so the reduction vectorizes.
+#[inline(always)]
+pub(crate) fn lanes_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+pub(crate) fn lanes_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
 pub(crate) fn simd_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {

@@ -29,15 +29,23 @@ mod attention;
 #[cfg(feature = "flex")]
 mod attention_cpu;
 mod cpu;
+#[cfg(feature = "flex")]
+mod cpu_gemm;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "flex")]
+mod flex;
 mod linear;
+mod loss;
+#[cfg(feature = "flex")]
+mod loss_cpu;
 pub mod moe;
 pub mod quant;
 
 pub use activation::gelu;
 pub use attention::{CausalMask, fused_attention};
 pub use linear::{LoraUpdate, QuantLinear};
+pub use loss::fused_linear_cross_entropy;
 pub use quant::{QuantFormat, QuantizedMatrix};
 
 /// Errors from preparing kernel inputs.

@@ -256,7 +256,59 @@ impl Decoder {
 
     /// Logits of hidden states: the final norm, then the head.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        self.lm_head.forward(self.norm.forward(x))
+        self.output(self.final_norm(x))
+    }
+
+    /// The final norm: the head's input from the last layer's output.
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.norm.forward(x)
+    }
+
+    /// The output layer (`lm_head`) on final-normed hidden states.
+    pub fn output(&self, normed: Tensor<3>) -> Tensor<3> {
+        self.lm_head.forward(normed)
+    }
+
+    /// The output layer's weight `[hidden, vocab]` when the layer is that product alone
+    /// (f32, no bias, no active adapter): a fused loss may then take it.
+    pub fn plain_output_weight(&self) -> Option<Tensor<2>> {
+        self.lm_head.plain_weight()
+    }
+
+    /// The last layer's output `[batch, seq, hidden]` for `tokens` after `cache`'s
+    /// positions (before the final norm and the head), the cache filled.
+    pub fn final_hidden(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, ModelError> {
+        self.hidden_traced(tokens, cache, None)
+    }
+
+    fn hidden_traced(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: &mut KvCache,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Tensor<3>, ModelError> {
+        let [batch, seq] = tokens.dims();
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        let requested = cache.len() + seq;
+        if requested > cache.capacity() {
+            return Err(ModelError::ContextOverflow {
+                requested,
+                capacity: cache.capacity(),
+            });
+        }
+        let rope = self.rope.tables(cache.len(), seq, &self.device());
+        let mut x = self.embed(tokens);
+        for i in 0..self.layers.len() {
+            x = self.run_layer(i, x, &rope, cache, i, trace.as_deref_mut())?;
+        }
+        cache.advance(seq);
+        Ok(x)
     }
 
     /// Layer `index` alone on hidden states `x` `[batch, seq, hidden]` of positions
@@ -397,27 +449,12 @@ impl CausalLm for Decoder {
         tokens: Tensor<2, Int>,
         cache: &mut KvCache,
         mode: LogitsMode,
-        mut trace: Option<&mut RouterTrace>,
+        trace: Option<&mut RouterTrace>,
     ) -> Result<Tensor<3>, ModelError> {
-        let [batch, seq] = tokens.dims();
-        if batch == 0 || seq == 0 {
-            return Err(ModelError::EmptyInput);
-        }
-        let requested = cache.len() + seq;
-        if requested > cache.capacity() {
-            return Err(ModelError::ContextOverflow {
-                requested,
-                capacity: cache.capacity(),
-            });
-        }
-        let rope = self.rope.tables(cache.len(), seq, &self.device());
-        let mut x = self.embed(tokens);
-        for i in 0..self.layers.len() {
-            x = self.run_layer(i, x, &rope, cache, i, trace.as_deref_mut())?;
-        }
-        cache.advance(seq);
+        let mut x = self.hidden_traced(tokens, cache, trace)?;
+        let [batch, seq, hidden] = x.dims();
         if mode == LogitsMode::Last && seq > 1 {
-            x = x.slice([0..batch, seq - 1..seq, 0..self.info.hidden_size]);
+            x = x.slice([0..batch, seq - 1..seq, 0..hidden]);
         }
         Ok(self.head(x))
     }

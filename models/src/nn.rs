@@ -433,6 +433,15 @@ impl Linear {
         Ok(())
     }
 
+    /// `W` `[in, out]` when the layer is that product alone: f32 weights, no bias, no
+    /// active adapter.
+    pub fn plain_weight(&self) -> Option<Tensor<2>> {
+        if self.bias.is_some() || active_lora(&self.lora).is_some() {
+            return None;
+        }
+        self.weight.as_ref().map(|weight| weight.val())
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
         let lora = active_lora(&self.lora).map(|adapter| adapter.update(&x));

@@ -4,6 +4,7 @@
 mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod lora;
+mod loss;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod moe;
 mod quant;
