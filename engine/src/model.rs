@@ -56,11 +56,11 @@ impl LossTargets {
 
     /// [`Self::loss`] of the logits `decoder` makes of its last layer's output `hidden`
     /// `[batch, seq, hidden]`: where the device has the fused kernel (flex) and the head is a
-    /// plain product, the head and the cross-entropy run as one operation and the
-    /// `[rows, vocab]` logits are never stored.
+    /// plain product (f32, or quantized and decoded once for the call), the head and the
+    /// cross-entropy run as one operation and the `[rows, vocab]` logits are never stored.
     pub fn loss_of_hidden(&self, decoder: &Decoder, hidden: Tensor<3>) -> Tensor<1> {
         let normed = decoder.final_norm(hidden);
-        if let Some(weight) = decoder.plain_output_weight() {
+        if let Some(weight) = decoder.plain_output_weight(&normed.device()) {
             let width = normed.dims()[2];
             let rows = self.batch * (self.seq - 1);
             let scored = normed

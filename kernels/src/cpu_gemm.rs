@@ -23,6 +23,31 @@ impl<'a> View<'a> {
         }
     }
 
+    /// `rows × cols` values of `data`, element `(r, c)` at `r·row_stride + c·col_stride`.
+    pub(crate) fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,

@@ -190,6 +190,15 @@ impl QuantLinear {
         x.matmul(self.dequantize_rows(rows).transpose())
     }
 
+    /// The `[out, in]` weights as f32 on `device`, decoded from the host copy the CPU
+    /// kernels keep; `None` where the codes live in GPU memory.
+    pub fn host_dequantized(&self, device: &Device) -> Option<Tensor<2>> {
+        let host = self.inner.host.as_ref()?;
+        let shape = [self.inner.rows, self.inner.cols];
+        let values = host.dequantize_rows(0..self.inner.rows);
+        Some(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
     /// The `[out, in]` weights as f32, computed with burn ops on the device.
     pub fn dequantize(&self) -> Tensor<2> {
         self.dequantize_rows(0..self.inner.rows)

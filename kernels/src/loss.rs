@@ -65,7 +65,7 @@ mod flex {
     use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
     use burn::tensor::Shape;
 
-    use crate::flex::{host, tensor, values};
+    use crate::flex::{Matrix, host, tensor, values};
     use crate::loss_cpu::{self, Problem};
 
     /// The fused output layer and cross-entropy (see [`super::fused_linear_cross_entropy`]).
@@ -105,11 +105,12 @@ mod flex {
             row_weights: &[f32],
             (want_d_x, want_d_weight): (bool, bool),
         ) -> Gradient<Self> {
-            let (x, weight) = (host(&x), host(&weight));
+            // The weight may be a transposed view (a decoded quantized head): read in place.
+            let (x, weight_matrix) = (host(&x), Matrix::new(&weight));
             let (x_shape, weight_shape) = (x.shape(), weight.shape());
             let problem = Problem {
                 x: values(&x),
-                weight: values(&weight),
+                weight: weight_matrix.view(),
                 rows: x_shape[0],
                 hidden: x_shape[1],
                 vocab: weight_shape[1],

@@ -12,11 +12,11 @@ use crate::cpu_gemm::{View, gemm_parallel};
 /// Rows whose logits are held at once (`ROWS × vocab` floats).
 const ROWS: usize = 256;
 
-/// One call: `x` `[rows, hidden]`, `weight` `[hidden, vocab]` (both row-major), a target and
+/// One call: `x` `[rows, hidden]` (row-major), `weight` `[hidden, vocab]`, a target and
 /// a weight per row (rows weighted 0 contribute nothing).
 pub(crate) struct Problem<'a> {
     pub x: &'a [f32],
-    pub weight: &'a [f32],
+    pub weight: View<'a>,
     pub rows: usize,
     pub hidden: usize,
     pub vocab: usize,
@@ -36,10 +36,14 @@ pub(crate) struct Output {
 pub(crate) fn forward(p: &Problem, want_d_x: bool, want_d_weight: bool) -> Output {
     let (hidden, vocab) = (p.hidden, p.vocab);
     assert_eq!(p.x.len(), p.rows * hidden, "input");
-    assert_eq!(p.weight.len(), hidden * vocab, "weight");
+    assert_eq!(
+        (p.weight.rows(), p.weight.cols()),
+        (hidden, vocab),
+        "weight"
+    );
     assert!(p.targets.len() == p.rows && p.row_weights.len() == p.rows);
     assert!(p.targets.iter().all(|&t| (t as usize) < vocab), "targets");
-    let weight = View::row_major(p.weight, hidden, vocab);
+    let weight = p.weight;
     let mut d_x = want_d_x.then(|| vec![0f32; p.rows * hidden]);
     let mut d_weight = want_d_weight.then(|| vec![0f32; hidden * vocab]);
     let mut logits = vec![0f32; ROWS.min(p.rows) * vocab];

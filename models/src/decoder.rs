@@ -269,10 +269,10 @@ impl Decoder {
         self.lm_head.forward(normed)
     }
 
-    /// The output layer's weight `[hidden, vocab]` when the layer is that product alone
-    /// (f32, no bias, no active adapter): a fused loss may then take it.
-    pub fn plain_output_weight(&self) -> Option<Tensor<2>> {
-        self.lm_head.plain_weight()
+    /// The output layer's weight `[hidden, vocab]` as f32 on `device` when the layer is that
+    /// product alone (see [`Linear::plain_weight`]): a fused loss may then take it.
+    pub fn plain_output_weight(&self, device: &Device) -> Option<Tensor<2>> {
+        self.lm_head.plain_weight(device)
     }
 
     /// The last layer's output `[batch, seq, hidden]` for `tokens` after `cache`'s

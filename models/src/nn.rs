@@ -433,13 +433,18 @@ impl Linear {
         Ok(())
     }
 
-    /// `W` `[in, out]` when the layer is that product alone: f32 weights, no bias, no
-    /// active adapter.
-    pub fn plain_weight(&self) -> Option<Tensor<2>> {
+    /// `W` `[in, out]` as f32 on `device` when the layer is that product alone (no bias, no
+    /// active adapter): the weights, or quantized ones decoded from their host copy (CPU
+    /// layers only, as a transposed view of the decoded `[out, in]`).
+    pub fn plain_weight(&self, device: &Device) -> Option<Tensor<2>> {
         if self.bias.is_some() || active_lora(&self.lora).is_some() {
             return None;
         }
-        self.weight.as_ref().map(|weight| weight.val())
+        match (&self.weight, &self.quantized) {
+            (Some(weight), _) => Some(weight.val()),
+            (None, Some(quantized)) => Some(quantized.host_dequantized(device)?.transpose()),
+            (None, None) => None,
+        }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

@@ -11,8 +11,10 @@ const ROWS: usize = 300; // two row blocks of the kernel, the second partial
 const HIDDEN: usize = 24;
 const VOCAB: usize = 1000;
 
-/// The loss and, on an autodiff device, the gradients of `x` and the weight.
-fn run(device: &Device, fused: bool) -> Vec<(&'static str, Vec<f32>)> {
+/// The loss and, on an autodiff device, the gradients of `x` and the weight. With
+/// `transposed` the weight is the transposed view of a `[vocab, hidden]` matrix (as a
+/// decoded quantized head is).
+fn run(device: &Device, fused: bool, transposed: bool) -> Vec<(&'static str, Vec<f32>)> {
     let leaf = |seed: u64, shape: [usize; 2]| {
         let values = pseudo_random(seed, shape[0] * shape[1]);
         let t = Tensor::<2>::from_data(TensorData::new(values, shape), device).mul_scalar(3.0);
@@ -23,7 +25,14 @@ fn run(device: &Device, fused: bool) -> Vec<(&'static str, Vec<f32>)> {
         }
     };
     let x = leaf(1, [ROWS, HIDDEN]);
-    let weight = leaf(2, [HIDDEN, VOCAB]);
+    let stored = match transposed {
+        true => leaf(2, [VOCAB, HIDDEN]),
+        false => leaf(2, [HIDDEN, VOCAB]),
+    };
+    let weight = match transposed {
+        true => stored.clone().transpose(),
+        false => stored.clone(),
+    };
     let targets: Vec<u32> = (0..ROWS).map(|r| ((r * 7919) % VOCAB) as u32).collect();
     // Every fifth row unscored, the others sharing the mean.
     let scored = (0..ROWS).filter(|r| r % 5 != 0).count() as f32;
@@ -54,7 +63,7 @@ fn run(device: &Device, fused: bool) -> Vec<(&'static str, Vec<f32>)> {
         // A large upstream gradient, so errors are not lost under `relative_error`'s floor of 1.
         let grads = loss.mul_scalar(500.0).backward();
         out.push(("∂x", values(x.grad(&grads).expect("a gradient"))));
-        out.push(("∂W", values(weight.grad(&grads).expect("a gradient"))));
+        out.push(("∂W", values(stored.grad(&grads).expect("a gradient"))));
     }
     out
 }
@@ -62,15 +71,17 @@ fn run(device: &Device, fused: bool) -> Vec<(&'static str, Vec<f32>)> {
 #[test]
 fn fused_cross_entropy_matches_burn_ops_forward_and_backward_on_flex() {
     for device in [Device::flex(), Device::flex().autodiff()] {
-        let fused = run(&device, true);
-        let reference = run(&device, false);
-        for ((name, fused), (_, expected)) in fused.iter().zip(&reference) {
-            let error = relative_error(fused, expected);
-            assert!(
-                error < 1e-5,
-                "autodiff {}: {name} off by {error}",
-                device.is_autodiff()
-            );
+        for transposed in [false, true] {
+            let fused = run(&device, true, transposed);
+            let reference = run(&device, false, transposed);
+            for ((name, fused), (_, expected)) in fused.iter().zip(&reference) {
+                let error = relative_error(fused, expected);
+                assert!(
+                    error < 1e-5,
+                    "autodiff {}, transposed {transposed}: {name} off by {error}",
+                    device.is_autodiff()
+                );
+            }
         }
     }
 }
