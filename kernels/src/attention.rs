@@ -114,6 +114,10 @@ mod flex {
 
     /// The forward pass with its log-sum-exp, and the backward pass, on host tensors.
     pub trait AttentionKernels: Backend {
+        /// `t` laid out row by row (a copy only for strided views), so that forward and
+        /// backward both read it in place.
+        fn contiguous(t: FloatTensor<Self>) -> FloatTensor<Self>;
+
         /// The output and each query row's log-sum-exp `[batch, heads, seq]`.
         fn attention_forward(
             q: FloatTensor<Self>,
@@ -159,6 +163,10 @@ mod flex {
     }
 
     impl AttentionKernels for Flex {
+        fn contiguous(t: FlexTensor) -> FlexTensor {
+            host(&t)
+        }
+
         fn attention_forward(
             q: FlexTensor,
             k: FlexTensor,
@@ -258,7 +266,7 @@ mod flex {
             window: Option<usize>,
         ) -> FloatTensor<Self> {
             let guards = [q.node(), k.node(), v.node()];
-            let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+            let [q, k, v] = [q, k, v].map(|t| B::contiguous(t.into_primitive()));
             let problem = problem(&q, &k, &v, scale, start, window);
             let (out, lse) = B::attention_forward(q.clone(), k.clone(), v.clone(), &problem);
             match AttentionBackward

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::cpu::{exp_nonpositive, lanes_max, lanes_sum, simd_available};
+use crate::cpu::{dot, exp_nonpositive, lanes_max, lanes_sum, simd_available};
 use crate::cpu_gemm::{View, gemm};
 
 /// Query rows per block: a block's scores (`BLOCK × keys` floats) stay in L2.
@@ -206,8 +206,11 @@ pub(crate) fn backward(
             let delta: Vec<f32> = out
                 .chunks_exact(dv_width)
                 .zip(d_out.chunks_exact(dv_width))
-                .map(|(o, d)| dot(o, d))
+                .map(|(o, d)| dot::<false>(o, d))
                 .collect();
+            // One block's P and dS, reused by every block of this head.
+            let mut probs = Vec::new();
+            let mut d_scores = Vec::new();
             for first in (0..rows).step_by(BLOCK) {
                 let range = first..(first + BLOCK).min(rows);
                 let span = p.visible_span(&range);
@@ -220,7 +223,7 @@ pub(crate) fn backward(
                 let d_out_block = View::row_major(&d_out[first * dv_width..], n, dv_width);
                 let (keys, values) = p.kv_rows(k, v, bh, &span);
                 // P, recomputed from the saved log-sum-exp.
-                let mut probs = vec![0f32; n * width];
+                probs.resize(n * width, 0.0);
                 gemm(&mut probs, queries, keys.t(), p.scale, false);
                 for (r, row) in probs.chunks_exact_mut(width).enumerate() {
                     let visible = local(p.visible(first + r), &span);
@@ -230,7 +233,7 @@ pub(crate) fn backward(
                 let key_rows = span.start * dv_width..span.end * dv_width;
                 gemm(&mut d_v[key_rows], probs_view.t(), d_out_block, 1.0, true);
                 // dS = P ∘ (dO·Vᵀ − Δ)·scale, written over dP.
-                let mut d_scores = vec![0f32; n * width];
+                d_scores.resize(n * width, 0.0);
                 gemm(&mut d_scores, d_out_block, values.t(), 1.0, false);
                 for ((d_row, p_row), r) in d_scores
                     .chunks_exact_mut(width)
@@ -239,11 +242,11 @@ pub(crate) fn backward(
                 {
                     score_gradient_row(d_row, p_row, delta[r], p.scale);
                 }
-                let d_scores = View::row_major(&d_scores, n, width);
+                let d_scores_view = View::row_major(&d_scores, n, width);
                 let d_q_block = &mut d_q[first * dq_width..(first + n) * dq_width];
-                gemm(d_q_block, d_scores, keys, 1.0, false);
+                gemm(d_q_block, d_scores_view, keys, 1.0, false);
                 let key_rows = span.start * dq_width..span.end * dq_width;
-                gemm(&mut d_k[key_rows], d_scores.t(), queries, 1.0, true);
+                gemm(&mut d_k[key_rows], d_scores_view.t(), queries, 1.0, true);
             }
             (d_k, d_v)
         })
@@ -338,23 +341,6 @@ fn score_gradient_row(d: &mut [f32], p: &[f32], delta: f32, scale: f32) {
     for (d, &p) in d.iter_mut().zip(p) {
         *d = p * (*d - delta) * scale;
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 fn add_assign(dst: &mut [f32], src: &[f32]) {

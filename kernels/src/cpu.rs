@@ -238,7 +238,7 @@ fn decode8(words: &[u32], out: &mut [f32]) {
 
 /// A dot product in eight independent lanes, so it vectorizes without reassociation.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let split = a.len() / 8 * 8;
     for (a, b) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {

@@ -151,10 +151,8 @@ impl QuantLinear {
                 // the rows are dequantized for the call (rayon) and multiplied by burn. In
                 // training (autodiff) burn's matmul also carries the gradient back to `x`.
                 Some(host) if tokens >= CPU_GEMM_MIN_TOKENS || x.is_autodiff() => {
-                    let device = x.device();
-                    let shape = [rows.len(), cols];
-                    let weights = TensorData::new(host.dequantize_rows(rows), shape);
-                    x.matmul(Tensor::<2>::from_data(weights, &device).transpose())
+                    let weights = decode_rows(host, rows, &x.device());
+                    x.matmul(weights.transpose())
                 }
                 Some(host) => {
                     let device = x.device();
@@ -194,9 +192,7 @@ impl QuantLinear {
     /// kernels keep; `None` where the codes live in GPU memory.
     pub fn host_dequantized(&self, device: &Device) -> Option<Tensor<2>> {
         let host = self.inner.host.as_ref()?;
-        let shape = [self.inner.rows, self.inner.cols];
-        let values = host.dequantize_rows(0..self.inner.rows);
-        Some(Tensor::from_data(TensorData::new(values, shape), device))
+        Some(decode_rows(host, 0..self.inner.rows, device))
     }
 
     /// The `[out, in]` weights as f32, computed with burn ops on the device.
@@ -290,6 +286,12 @@ impl<const D: usize> LoraUpdate<D> {
             scale: self.scale,
         }
     }
+}
+
+/// Rows `rows` of a host matrix decoded to f32 `[rows.len(), cols]` on `device` (rayon).
+fn decode_rows(host: &QuantizedMatrix, rows: Range<usize>, device: &Device) -> Tensor<2> {
+    let shape = [rows.len(), host.cols];
+    Tensor::from_data(TensorData::new(host.dequantize_rows(rows), shape), device)
 }
 
 fn upload(matrix: &QuantizedMatrix, device: &Device) -> DeviceWeights {

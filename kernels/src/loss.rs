@@ -111,9 +111,6 @@ mod flex {
             let problem = Problem {
                 x: values(&x),
                 weight: weight_matrix.view(),
-                rows: x_shape[0],
-                hidden: x_shape[1],
-                vocab: weight_shape[1],
                 targets,
                 row_weights,
             };

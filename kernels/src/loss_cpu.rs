@@ -17,9 +17,6 @@ const ROWS: usize = 256;
 pub(crate) struct Problem<'a> {
     pub x: &'a [f32],
     pub weight: View<'a>,
-    pub rows: usize,
-    pub hidden: usize,
-    pub vocab: usize,
     pub targets: &'a [u32],
     pub row_weights: &'a [f32],
 }
@@ -34,22 +31,17 @@ pub(crate) struct Output {
 }
 
 pub(crate) fn forward(p: &Problem, want_d_x: bool, want_d_weight: bool) -> Output {
-    let (hidden, vocab) = (p.hidden, p.vocab);
-    assert_eq!(p.x.len(), p.rows * hidden, "input");
-    assert_eq!(
-        (p.weight.rows(), p.weight.cols()),
-        (hidden, vocab),
-        "weight"
-    );
-    assert!(p.targets.len() == p.rows && p.row_weights.len() == p.rows);
-    assert!(p.targets.iter().all(|&t| (t as usize) < vocab), "targets");
     let weight = p.weight;
-    let mut d_x = want_d_x.then(|| vec![0f32; p.rows * hidden]);
+    let (hidden, vocab, rows) = (weight.rows(), weight.cols(), p.targets.len());
+    assert_eq!(p.x.len(), rows * hidden, "one input row per target");
+    assert_eq!(p.row_weights.len(), rows, "one weight per target");
+    assert!(p.targets.iter().all(|&t| (t as usize) < vocab), "targets");
+    let mut d_x = want_d_x.then(|| vec![0f32; rows * hidden]);
     let mut d_weight = want_d_weight.then(|| vec![0f32; hidden * vocab]);
-    let mut logits = vec![0f32; ROWS.min(p.rows) * vocab];
+    let mut logits = vec![0f32; ROWS.min(rows) * vocab];
     let mut loss = 0f64;
-    for first in (0..p.rows).step_by(ROWS) {
-        let n = ROWS.min(p.rows - first);
+    for first in (0..rows).step_by(ROWS) {
+        let n = ROWS.min(rows - first);
         let x = View::row_major(&p.x[first * hidden..(first + n) * hidden], n, hidden);
         let logits = &mut logits[..n * vocab];
         gemm_parallel(logits, x, weight, 1.0, false);
