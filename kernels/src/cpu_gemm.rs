@@ -48,6 +48,11 @@ impl<'a> View<'a> {
         self.cols
     }
 
+    /// Whether rows are stored one after another (each row contiguous).
+    pub(crate) fn is_row_major(&self) -> bool {
+        self.col_stride == 1 && self.row_stride == self.cols
+    }
+
     pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
@@ -65,6 +70,26 @@ impl<'a> View<'a> {
             || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
                 < self.data.len()
     }
+}
+
+/// Writes `src` transposed into `dst` (row-major `[src.cols, src.rows]`), in parallel over
+/// bands of output rows; each band reads short runs of every source row.
+pub(crate) fn transpose(src: View, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const BAND: usize = 32;
+    let rows = src.rows;
+    assert!(dst.len() >= rows * src.cols && src.in_bounds());
+    dst[..rows * src.cols]
+        .par_chunks_mut(BAND * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let first = band * BAND;
+            for r in 0..rows {
+                for (c, row) in out.chunks_exact_mut(rows).enumerate() {
+                    row[r] = src.data[r * src.row_stride + (first + c) * src.col_stride];
+                }
+            }
+        });
 }
 
 /// `dst = alpha·lhs·rhs` (`+ dst` with `accumulate`), `dst` row-major `[lhs.rows, rhs.cols]`,

@@ -36,15 +36,17 @@ mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 mod linear;
+mod lora;
 mod loss;
 #[cfg(feature = "flex")]
 mod loss_cpu;
 pub mod moe;
 pub mod quant;
 
-pub use activation::gelu;
+pub use activation::{gelu, swiglu};
 pub use attention::{CausalMask, fused_attention};
 pub use linear::{LoraUpdate, QuantLinear};
+pub use lora::fused_lora_linear;
 pub use loss::fused_linear_cross_entropy;
 pub use quant::{QuantFormat, QuantizedMatrix};
 

@@ -129,7 +129,22 @@ impl QuantLinear {
                 self.inner.format.has_offsets(),
             ),
             _ => match lora {
-                Some(update) => self.forward_rows(x.clone(), 0..rows) + update.apply(x),
+                Some(update) => {
+                    // Where `forward_rows` would decode the weights for a GEMM anyway, the
+                    // update joins that GEMM.
+                    let decodes = differentiable_executor(&x.device()) == Executor::Cpu
+                        && (tokens >= CPU_GEMM_MIN_TOKENS || x.is_autodiff());
+                    let fused = decodes
+                        .then(|| self.host_dequantized(&x.device()))
+                        .flatten()
+                        .and_then(|weights| {
+                            crate::fused_lora_linear(&x, &weights.transpose(), &update)
+                        });
+                    match fused {
+                        Some(y) => y,
+                        None => self.forward_rows(x.clone(), 0..rows) + update.apply(x),
+                    }
+                }
                 None => self.forward_rows(x, 0..rows),
             },
         };
@@ -275,7 +290,7 @@ impl<const D: usize> LoraUpdate<D> {
     }
 
     /// The same update on the input's `tokens` rows as a matrix.
-    fn flatten(self, tokens: usize) -> LoraUpdate<2> {
+    pub fn flatten(self, tokens: usize) -> LoraUpdate<2> {
         LoraUpdate {
             input: self.input.map(|input| {
                 let width = input.dims()[D - 1];

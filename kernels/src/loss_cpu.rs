@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::{exp_nonpositive, simd_available};
-use crate::cpu_gemm::{View, gemm_parallel};
+use crate::cpu_gemm::{View, gemm_parallel, transpose};
 
 /// Rows whose logits are held at once (`ROWS × vocab` floats).
 const ROWS: usize = 256;
@@ -39,6 +39,13 @@ pub(crate) fn forward(p: &Problem, want_d_x: bool, want_d_weight: bool) -> Outpu
     let mut d_x = want_d_x.then(|| vec![0f32; rows * hidden]);
     let mut d_weight = want_d_weight.then(|| vec![0f32; hidden * vocab]);
     let mut logits = vec![0f32; ROWS.min(rows) * vocab];
+    // Buffers for `∂x` through `∂zᵀ` (see below), when the weight is row-major.
+    let mut transposed = (want_d_x && weight.is_row_major()).then(|| {
+        (
+            vec![0f32; ROWS.min(rows) * vocab],
+            vec![0f32; ROWS.min(rows) * hidden],
+        )
+    });
     let mut loss = 0f64;
     for first in (0..rows).step_by(ROWS) {
         let n = ROWS.min(rows - first);
@@ -55,7 +62,20 @@ pub(crate) fn forward(p: &Problem, want_d_x: bool, want_d_weight: bool) -> Outpu
         let d_logits = View::row_major(logits, n, vocab);
         if let Some(d_x) = &mut d_x {
             let d_x = &mut d_x[first * hidden..(first + n) * hidden];
-            gemm_parallel(d_x, d_logits, weight.t(), 1.0, false);
+            match &mut transposed {
+                // `∂z·Wᵀ` with a row-major `W` is the product gemm's AVX-512 kernels run at
+                // half speed (they repack `W` for every block of rows); `(W·∂zᵀ)ᵀ` from a
+                // transposed copy of `∂z` runs at full speed.
+                Some((d_logits_t, d_x_t)) => {
+                    let (d_logits_t, d_x_t) =
+                        (&mut d_logits_t[..vocab * n], &mut d_x_t[..hidden * n]);
+                    transpose(d_logits, d_logits_t);
+                    let d_logits_t = View::row_major(d_logits_t, vocab, n);
+                    gemm_parallel(d_x_t, weight, d_logits_t, 1.0, false);
+                    transpose(View::row_major(d_x_t, hidden, n), d_x);
+                }
+                None => gemm_parallel(d_x, d_logits, weight.t(), 1.0, false),
+            }
         }
         if let Some(d_weight) = &mut d_weight {
             gemm_parallel(d_weight, x.t(), d_logits, 1.0, true);

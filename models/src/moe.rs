@@ -6,7 +6,7 @@
 //! It is the path every backend runs today and the oracle for fused kernels.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use moera_kernels::moe::StackedExperts;
@@ -890,7 +890,7 @@ impl Experts {
         let gate = h.clone().narrow(1, 0, inter);
         let up = h.narrow(1, inter, inter);
         let activated = match self.activation {
-            ExpertActivation::SwiGlu => silu(gate) * up,
+            ExpertActivation::SwiGlu => moera_kernels::swiglu(gate, up),
             ExpertActivation::ClampedSwiGlu { alpha, limit } => {
                 let gate = gate.clamp_max(limit);
                 let up = up.clamp(-limit, limit);

@@ -453,7 +453,17 @@ impl Linear {
         match (&self.weight, &self.quantized) {
             (Some(weight), _) => match lora {
                 Some(update) => {
-                    burn::tensor::module::linear(x.clone(), weight.val(), bias) + update.apply(x)
+                    let y = match fused_lora_rows(&x, &weight.val(), update.clone()) {
+                        Some(y) => y,
+                        None => {
+                            burn::tensor::module::linear(x.clone(), weight.val(), None)
+                                + update.apply(x)
+                        }
+                    };
+                    match bias {
+                        Some(b) => y + b.unsqueeze(),
+                        None => y,
+                    }
                 }
                 None => burn::tensor::module::linear(x, weight.val(), bias),
             },
@@ -468,6 +478,22 @@ impl Linear {
             (None, None) => unreachable!("a linear layer has a dense or a quantized weight"),
         }
     }
+}
+
+/// `x·weight` plus the LoRA update through `moera_kernels`' fused kernel, on `x`'s rows
+/// as one matrix; `None` where it does not run.
+fn fused_lora_rows<const D: usize>(
+    x: &Tensor<D>,
+    weight: &Tensor<2>,
+    update: LoraUpdate<D>,
+) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    let tokens = dims[..D - 1].iter().product::<usize>();
+    let rows = x.clone().reshape([tokens, dims[D - 1]]);
+    let y = moera_kernels::fused_lora_linear(&rows, weight, &update.flatten(tokens))?;
+    let mut out = dims;
+    out[D - 1] = weight.dims()[1];
+    Some(y.reshape(out))
 }
 
 /// The error for merging `lora` into quantized weights.
@@ -644,7 +670,8 @@ impl GatedMlp {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = burn::tensor::activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(moera_kernels::swiglu(gate, self.up_proj.forward(x)))
     }
 }

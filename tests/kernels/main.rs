@@ -1,8 +1,8 @@
 //! Kernel tests: each kernel against its plain-burn reference (on flex, and on wgpu in CI),
 //! and the quantized formats against the `gguf` Python package's dequantization.
 
+mod activation;
 mod attention;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod lora;
 mod loss;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
