@@ -29,7 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams, LearningRate,
+    ModuleOptimizer, Optimizer,
+};
 use burn::tensor::{Device, Tensor};
 use moera_models::nn::token_tensor;
 use moera_models::{CausalLm, Decoder};
@@ -314,15 +317,10 @@ impl Trainer {
                 "the model is not on an autodiff device (load it with Trainer::new)".into(),
             ));
         }
-        let adamw = |decay: f32| {
-            AdamWConfig::new()
-                .with_epsilon(1e-8)
-                .with_weight_decay(decay)
-        };
         // transformers' Trainer decays neither norms nor biases.
-        let optimizer = adamw(config.weight_decay).init().with_group(
+        let optimizer = ModuleOptimizer::from(AdamW::new(config.weight_decay)).with_group(
             ParamGroup::from_any_predicates(vec!["norm", "bias"]),
-            adamw(0.0).build(),
+            AdamW::new(0.0),
             None,
         );
         if config.max_steps == Some(0) {
@@ -1005,5 +1003,58 @@ pub fn format_duration(duration: Duration) -> String {
         (0, 0, s) => format!("{s}s"),
         (0, m, s) => format!("{m}m{s:02}s"),
         (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
+}
+
+/// AdamW as transformers' Trainer runs it (β = (0.9, 0.999), ε = 1e-8, decoupled weight
+/// decay), one fused pass per parameter on flex ([`moera_kernels::adamw_step`]). Its state
+/// is burn's `AdamWState`, so checkpoints keep burn's optimizer record.
+#[derive(Debug, Clone, Copy)]
+struct AdamW {
+    weight_decay: f32,
+}
+
+impl AdamW {
+    fn new(weight_decay: f32) -> Self {
+        Self { weight_decay }
+    }
+}
+
+impl Optimizer for AdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (moments, time) = match state {
+            Some(state) => {
+                let momentum = state.momentum;
+                (
+                    Some((momentum.moment_1, momentum.moment_2)),
+                    momentum.time + 1,
+                )
+            }
+            None => (None, 1),
+        };
+        let step = moera_kernels::AdamWStep {
+            lr: lr as f32,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: self.weight_decay,
+            time: i32::try_from(time).unwrap_or(i32::MAX),
+        };
+        let (tensor, moment_1, moment_2) = moera_kernels::adamw_step(tensor, grad, moments, step);
+        let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
+        (tensor, Some(AdamWState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
     }
 }

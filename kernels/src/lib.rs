@@ -41,13 +41,15 @@ mod loss;
 #[cfg(feature = "flex")]
 mod loss_cpu;
 pub mod moe;
+mod optim;
 pub mod quant;
 
 pub use activation::{gelu, swiglu};
 pub use attention::{CausalMask, fused_attention};
 pub use linear::{LoraUpdate, QuantLinear};
-pub use lora::fused_lora_linear;
+pub use lora::{fused_linear, fused_lora_linear};
 pub use loss::fused_linear_cross_entropy;
+pub use optim::{AdamWStep, adamw_step};
 pub use quant::{QuantFormat, QuantizedMatrix};
 
 /// Errors from preparing kernel inputs.

@@ -451,22 +451,22 @@ impl Linear {
         let bias = self.bias.as_ref().map(|b| b.val());
         let lora = active_lora(&self.lora).map(|adapter| adapter.update(&x));
         match (&self.weight, &self.quantized) {
-            (Some(weight), _) => match lora {
-                Some(update) => {
-                    let y = match fused_lora_rows(&x, &weight.val(), update.clone()) {
-                        Some(y) => y,
-                        None => {
-                            burn::tensor::module::linear(x.clone(), weight.val(), None)
-                                + update.apply(x)
+            (Some(weight), _) => {
+                let y = match fused_rows(&x, &weight.val(), lora.clone()) {
+                    Some(y) => y,
+                    None => {
+                        let y = burn::tensor::module::linear(x.clone(), weight.val(), None);
+                        match lora {
+                            Some(update) => y + update.apply(x),
+                            None => y,
                         }
-                    };
-                    match bias {
-                        Some(b) => y + b.unsqueeze(),
-                        None => y,
                     }
+                };
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
                 }
-                None => burn::tensor::module::linear(x, weight.val(), bias),
-            },
+            }
             // The quantized kernels take the adapter's update into the same pass.
             (None, Some(quantized)) => {
                 let y = quantized.forward_with_lora(x, lora);
@@ -480,17 +480,24 @@ impl Linear {
     }
 }
 
-/// `x·weight` plus the LoRA update through `moera_kernels`' fused kernel, on `x`'s rows
-/// as one matrix; `None` where it does not run.
-fn fused_lora_rows<const D: usize>(
+/// `x·weight` plus the LoRA update, if any, through `moera_kernels`' fused kernels on
+/// `x`'s rows as one matrix; `None` where they do not run. Without an adapter only while
+/// training (burn's product serves inference).
+fn fused_rows<const D: usize>(
     x: &Tensor<D>,
     weight: &Tensor<2>,
-    update: LoraUpdate<D>,
+    lora: Option<LoraUpdate<D>>,
 ) -> Option<Tensor<D>> {
+    if lora.is_none() && !x.is_autodiff() {
+        return None;
+    }
     let dims = x.dims();
     let tokens = dims[..D - 1].iter().product::<usize>();
     let rows = x.clone().reshape([tokens, dims[D - 1]]);
-    let y = moera_kernels::fused_lora_linear(&rows, weight, &update.flatten(tokens))?;
+    let y = match lora {
+        Some(update) => moera_kernels::fused_lora_linear(&rows, weight, &update.flatten(tokens)),
+        None => moera_kernels::fused_linear(&rows, weight),
+    }?;
     let mut out = dims;
     out[D - 1] = weight.dims()[1];
     Some(y.reshape(out))

@@ -3,7 +3,9 @@
 //! (cubecl on the GPU, the decoded weights on flex) and on an f32 base (flex).
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moera::kernels::{KernelPath, LoraUpdate, QuantLinear, fused_lora_linear, with_kernel_path};
+use moera::kernels::{
+    KernelPath, LoraUpdate, QuantLinear, fused_linear, fused_lora_linear, with_kernel_path,
+};
 
 use crate::quant::sweep;
 use crate::{pseudo_random, relative_error, values};
@@ -110,12 +112,14 @@ fn fused_lora_linear_matches_the_reference_forward_and_backward() {
     }
 }
 
-/// An f32 base: `y = x·W + s·(x·A)·B` and the gradients of `Σ y ⊙ w`, through the fused
-/// kernel or burn's ops. `W` is trained too with `train_weight`, and with `transposed` it is
-/// the transposed view of a `[out, in]` matrix (as a decoded quantized weight is).
+/// An f32 base: `y = x·W + s·(x·A)·B` (or `x·W` alone without `adapter`) and the gradients
+/// of `Σ y ⊙ w`, through the fused kernel or burn's ops. `W` is trained too with
+/// `train_weight`, and with `transposed` it is the transposed view of a `[out, in]` matrix
+/// (as a decoded quantized weight is).
 fn dense(
     device: &Device,
     fused: bool,
+    adapter: bool,
     train_weight: bool,
     transposed: bool,
 ) -> Vec<(&'static str, Vec<f32>)> {
@@ -145,17 +149,22 @@ fn dense(
         b: leaf(4, [RANK, OUT], true),
         scale: LORA_SCALE,
     };
-    let y = match fused {
-        true => fused_lora_linear(&x, &weight, &update).expect("flex runs the fused LoRA linear"),
-        false => x.clone().matmul(weight.clone()) + update.clone().apply(x.clone()),
-    };
+    let y = match (fused, adapter) {
+        (true, true) => fused_lora_linear(&x, &weight, &update),
+        (true, false) => fused_linear(&x, &weight),
+        (false, true) => Some(x.clone().matmul(weight.clone()) + update.clone().apply(x.clone())),
+        (false, false) => Some(x.clone().matmul(weight.clone())),
+    }
+    .expect("flex runs the fused linear layers");
     let mut out = vec![("y", values(y.clone()))];
     if device.is_autodiff() {
         let grads = (y * tensor(5, [TOKENS, OUT])).sum().backward();
         let grad = |t: &Tensor<2>| values(t.grad(&grads).expect("a gradient"));
         out.push(("∂x", grad(&x)));
-        out.push(("∂A", grad(&update.a)));
-        out.push(("∂B", grad(&update.b)));
+        if adapter {
+            out.push(("∂A", grad(&update.a)));
+            out.push(("∂B", grad(&update.b)));
+        }
         if train_weight {
             out.push(("∂W", grad(&stored)));
         }
@@ -164,21 +173,23 @@ fn dense(
 }
 
 #[test]
-fn fused_lora_linear_on_an_f32_base_matches_burn_ops_on_flex() {
+fn fused_linear_layers_on_an_f32_base_match_burn_ops_on_flex() {
     for device in [Device::flex(), Device::flex().autodiff()] {
-        for train_weight in [false, true] {
-            for transposed in [false, true] {
-                let fused = dense(&device, true, train_weight, transposed);
-                let reference = dense(&device, false, train_weight, transposed);
-                assert_eq!(fused.len(), reference.len());
-                for ((name, fused), (_, expected)) in fused.iter().zip(&reference) {
-                    let error = relative_error(fused, expected);
-                    assert!(
-                        error < 1e-5,
-                        "autodiff {}, W trained {train_weight}, transposed {transposed}: \
-                         {name} off by {error}",
-                        device.is_autodiff()
-                    );
+        for adapter in [true, false] {
+            for train_weight in [false, true] {
+                for transposed in [false, true] {
+                    let run = |fused| dense(&device, fused, adapter, train_weight, transposed);
+                    let (fused, reference) = (run(true), run(false));
+                    assert_eq!(fused.len(), reference.len());
+                    for ((name, fused), (_, expected)) in fused.iter().zip(&reference) {
+                        let error = relative_error(fused, expected);
+                        assert!(
+                            error < 1e-5,
+                            "autodiff {}, adapter {adapter}, W trained {train_weight}, \
+                             transposed {transposed}: {name} off by {error}",
+                            device.is_autodiff()
+                        );
+                    }
                 }
             }
         }

@@ -7,6 +7,7 @@ mod lora;
 mod loss;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod moe;
+mod optim;
 mod quant;
 
 use std::path::{Path, PathBuf};
