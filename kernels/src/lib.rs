@@ -41,6 +41,7 @@ mod loss;
 #[cfg(feature = "flex")]
 mod loss_cpu;
 pub mod moe;
+mod norm;
 mod optim;
 pub mod quant;
 
@@ -49,6 +50,7 @@ pub use attention::{CausalMask, fused_attention};
 pub use linear::{LoraUpdate, QuantLinear};
 pub use lora::{fused_linear, fused_lora_linear};
 pub use loss::fused_linear_cross_entropy;
+pub use norm::rms_norm;
 pub use optim::{AdamWStep, adamw_step};
 pub use quant::{QuantFormat, QuantizedMatrix};
 

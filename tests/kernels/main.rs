@@ -7,6 +7,7 @@ mod lora;
 mod loss;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod moe;
+mod norm;
 mod optim;
 mod quant;
 
@@ -42,7 +43,7 @@ pub fn relative_error(actual: &[f32], expected: &[f32]) -> f32 {
     diff / scale
 }
 
-pub fn values(tensor: burn::tensor::Tensor<2>) -> Vec<f32> {
+pub fn values<const D: usize>(tensor: burn::tensor::Tensor<D>) -> Vec<f32> {
     tensor.into_data().convert::<f32>().try_into_vec().unwrap()
 }
 
