@@ -44,6 +44,7 @@ pub mod moe;
 mod norm;
 mod optim;
 pub mod quant;
+mod rope;
 
 pub use activation::{gelu, swiglu};
 pub use attention::{CausalMask, fused_attention};
@@ -53,6 +54,7 @@ pub use loss::fused_linear_cross_entropy;
 pub use norm::rms_norm;
 pub use optim::{AdamWStep, adamw_step};
 pub use quant::{QuantFormat, QuantizedMatrix};
+pub use rope::rotate_half;
 
 /// Errors from preparing kernel inputs.
 #[derive(Debug, thiserror::Error)]

@@ -79,10 +79,13 @@ impl KvCache {
         let entry = &mut self.layers[layer];
         let write = |slot: &mut Option<Tensor<4>>, new: Tensor<4>| {
             let [batch, heads, _, width] = new.dims();
-            let updated = slot
-                .take()
-                .expect("cache slot is always refilled")
-                .slice_assign([0..batch, 0..heads, start..end, 0..width], new);
+            let old = slot.take().expect("cache slot is always refilled");
+            if start == 0 && old.dims() == new.dims() {
+                // The whole cache at once (a training step's layer): nothing to copy into.
+                *slot = Some(new.clone());
+                return new;
+            }
+            let updated = old.slice_assign([0..batch, 0..heads, start..end, 0..width], new);
             let visible = updated
                 .clone()
                 .slice([0..batch, 0..heads, 0..end, 0..width]);

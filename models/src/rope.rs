@@ -269,6 +269,9 @@ impl RotaryEmbedding {
 impl RopeTables {
     /// Rotates `x` `[batch, heads, seq, head_dim]` in the rotate-half layout.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        if let Some(rotated) = moera_kernels::rotate_half(&x, &self.cos, &self.sin) {
+            return rotated;
+        }
         let (cos, sin) = (self.cos.clone(), self.sin.clone());
         let half = self.head_dim / 2;
         let first = x.clone().narrow(3, 0, half);

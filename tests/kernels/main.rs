@@ -10,6 +10,7 @@ mod moe;
 mod norm;
 mod optim;
 mod quant;
+mod rope;
 
 use std::path::{Path, PathBuf};
 
