@@ -24,6 +24,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -275,6 +276,9 @@ pub struct Trainer {
     /// Always `Some` between calls: taken out only while an update maps it.
     model: Option<Model>,
     optimizer: ModuleOptimizer,
+    /// The factor of the next optimizer step's gradients (clipping and the mean over
+    /// accumulated batches), read by every group's [`AdamW`].
+    grad_scale: GradScale,
     config: TrainingConfig,
     state: TrainerState,
     events: TrainingEventBus,
@@ -318,9 +322,14 @@ impl Trainer {
             ));
         }
         // transformers' Trainer decays neither norms nor biases.
-        let optimizer = ModuleOptimizer::from(AdamW::new(config.weight_decay)).with_group(
+        let grad_scale = GradScale::default();
+        let adamw = |weight_decay| AdamW {
+            weight_decay,
+            grad_scale: grad_scale.clone(),
+        };
+        let optimizer = ModuleOptimizer::from(adamw(config.weight_decay)).with_group(
             ParamGroup::from_any_predicates(vec!["norm", "bias"]),
-            AdamW::new(0.0),
+            adamw(0.0),
             None,
         );
         if config.max_steps == Some(0) {
@@ -334,6 +343,7 @@ impl Trainer {
         Ok(Self {
             model: Some(model),
             optimizer,
+            grad_scale,
             config,
             state,
             events: TrainingEventBus::default(),
@@ -570,7 +580,7 @@ impl Trainer {
         let mut grads = accumulator.grads();
         let count = group.len() as f32;
         let mut norm = GradNorm {
-            grads: &grads,
+            grads: &mut grads,
             squares: None,
         };
         decoder.visit(&mut norm);
@@ -580,10 +590,8 @@ impl Trainer {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        decoder.visit(&mut ScaleGrads {
-            grads: &mut grads,
-            factor: clip / count,
-        });
+        // The mean over the batches and the clipping, applied inside the optimizer's pass.
+        self.grad_scale.set(clip / count);
         let rate = learning_rate(&self.config, self.state.step, total);
         let optimizer = &mut self.optimizer;
         let model = self
@@ -900,32 +908,20 @@ impl ModuleVisitor for TrainableCount {
 
 /// The sum of squares of the gradients in `grads`, summed on the device (one read back).
 struct GradNorm<'a> {
-    grads: &'a GradientsParams,
+    grads: &'a mut GradientsParams,
     squares: Option<Tensor<1>>,
 }
 
 impl ModuleVisitor for GradNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.get::<D>(param.id) {
-            let sum = grad.clone().mul(grad).sum();
+        // Taken out and put back so that the CPU pass reads the values in place.
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let (sum, grad) = moera_kernels::sum_of_squares(grad);
+            self.grads.register(param.id, grad);
             self.squares = Some(match self.squares.take() {
                 Some(total) => total + sum,
                 None => sum,
             });
-        }
-    }
-}
-
-/// Multiplies every gradient in `grads` by `factor`.
-struct ScaleGrads<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f32,
-}
-
-impl ModuleVisitor for ScaleGrads<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.remove::<D>(param.id) {
-            self.grads.register(param.id, grad.mul_scalar(self.factor));
         }
     }
 }
@@ -1007,16 +1003,33 @@ pub fn format_duration(duration: Duration) -> String {
 }
 
 /// AdamW as transformers' Trainer runs it (β = (0.9, 0.999), ε = 1e-8, decoupled weight
-/// decay), one fused pass per parameter on flex ([`moera_kernels::adamw_step`]). Its state
-/// is burn's `AdamWState`, so checkpoints keep burn's optimizer record.
-#[derive(Debug, Clone, Copy)]
+/// decay), one fused pass per parameter on flex ([`moera_kernels::adamw_step`]), the
+/// gradients scaled by the trainer's [`GradScale`] in the same pass. Its state is burn's
+/// `AdamWState`, so checkpoints keep burn's optimizer record.
+#[derive(Debug, Clone)]
 struct AdamW {
     weight_decay: f32,
+    grad_scale: GradScale,
 }
 
-impl AdamW {
-    fn new(weight_decay: f32) -> Self {
-        Self { weight_decay }
+/// A factor shared by the trainer, which sets it before each step, and its optimizers,
+/// which multiply every gradient by it (1 until set).
+#[derive(Debug, Clone)]
+struct GradScale(Arc<AtomicU32>);
+
+impl Default for GradScale {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU32::new(1f32.to_bits())))
+    }
+}
+
+impl GradScale {
+    fn set(&self, factor: f32) {
+        self.0.store(factor.to_bits(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -1047,6 +1060,7 @@ impl Optimizer for AdamW {
             epsilon: 1e-8,
             weight_decay: self.weight_decay,
             time: i32::try_from(time).unwrap_or(i32::MAX),
+            grad_scale: self.grad_scale.get(),
         };
         let (tensor, moment_1, moment_2) = moera_kernels::adamw_step(tensor, grad, moments, step);
         let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);

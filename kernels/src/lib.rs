@@ -52,7 +52,7 @@ pub use linear::{LoraUpdate, QuantLinear};
 pub use lora::{fused_linear, fused_lora_linear};
 pub use loss::fused_linear_cross_entropy;
 pub use norm::rms_norm;
-pub use optim::{AdamWStep, adamw_step};
+pub use optim::{AdamWStep, adamw_step, sum_of_squares};
 pub use quant::{QuantFormat, QuantizedMatrix};
 pub use rope::rotate_half;
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use moera::engine::adapter::LoraSpec;
 use moera::engine::dataset::{Batch, Dataset, TokenizedExample};
@@ -13,7 +13,7 @@ use moera::engine::train::{
     Checkpointing, Schedule, Trainer, TrainingConfig, TrainingEvent, TrainingStrategy,
 };
 use moera::engine::{Device, LoadOptions, Model};
-use moera::models::CausalLm;
+use moera::models::{CausalLm, Decoder};
 
 use crate::common::*;
 use crate::lora::{training_batch, with_adapter};
@@ -25,14 +25,14 @@ fn reference_batch() -> (Batch, Reference) {
     (Batch { ids, labels }, reference)
 }
 
-/// Every parameter's gradient by module path.
-struct GradsByPath<'a> {
-    grads: &'a GradientsParams,
+/// Every parameter's gradient (or, without gradients, its value) by module path.
+struct ByPath<'a> {
+    grads: Option<&'a GradientsParams>,
     path: Vec<String>,
     found: BTreeMap<String, Vec<f32>>,
 }
 
-impl ModuleVisitor for GradsByPath<'_> {
+impl ModuleVisitor for ByPath<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -40,22 +40,30 @@ impl ModuleVisitor for GradsByPath<'_> {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.get::<D>(param.id) {
-            let values = grad.into_data().convert::<f32>().try_to_vec().unwrap();
+        let tensor = match self.grads {
+            Some(grads) => grads.get::<D>(param.id),
+            None => Some(param.val()),
+        };
+        if let Some(tensor) = tensor {
+            let values = tensor.into_data().convert::<f32>().try_to_vec().unwrap();
             self.found.insert(self.path.join("."), values);
         }
     }
 }
 
-fn grads_by_path(trainer: &Trainer, batch: &Batch) -> (f32, BTreeMap<String, Vec<f32>>) {
-    let (loss, grads) = trainer.loss_and_gradients(batch).expect("gradients");
-    let mut visitor = GradsByPath {
-        grads: &grads,
+fn by_path(decoder: &Decoder, grads: Option<&GradientsParams>) -> BTreeMap<String, Vec<f32>> {
+    let mut visitor = ByPath {
+        grads,
         path: Vec::new(),
         found: BTreeMap::new(),
     };
-    trainer.model().decoder().visit(&mut visitor);
-    (loss, visitor.found)
+    decoder.visit(&mut visitor);
+    visitor.found
+}
+
+fn grads_by_path(trainer: &Trainer, batch: &Batch) -> (f32, BTreeMap<String, Vec<f32>>) {
+    let (loss, grads) = trainer.loss_and_gradients(batch).expect("gradients");
+    (loss, by_path(trainer.model().decoder(), Some(&grads)))
 }
 
 fn config(strategy: TrainingStrategy, checkpointing: Checkpointing) -> TrainingConfig {
@@ -422,4 +430,129 @@ fn bad_training_settings_are_refused() {
         events.try_recv(),
         Ok(TrainingEvent::Failed { .. })
     ));
+}
+
+/// Multiplies every gradient by a factor, or sums their squares: the reference arithmetic of
+/// PyTorch's `clip_grad_norm_` in plain burn ops.
+struct ClipReference<'a> {
+    grads: &'a mut GradientsParams,
+    factor: Option<f32>,
+    squares: f64,
+}
+
+impl ModuleVisitor for ClipReference<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return;
+        };
+        let sum = grad.clone().square().sum().into_scalar::<f32>();
+        self.squares += f64::from(sum);
+        let grad = match self.factor {
+            Some(factor) => grad.mul_scalar(factor),
+            None => grad,
+        };
+        self.grads.register(param.id, grad);
+    }
+}
+
+/// Two steps, the first over two batches, each with a gradient above the clip: the trainer
+/// folds the mean over the batches and the clipping factor into its AdamW pass. Every
+/// weight must move as burn's AdamW moves it on the mean gradient scaled as PyTorch's
+/// `clip_grad_norm_` scales it (`max / (norm + 1e-6)`), and the reported norms are those of
+/// the mean gradients. (AdamW ignores a factor shared by every step: the second step, with
+/// another batch count and norm, is what shows a factor gone wrong.)
+#[test]
+fn clipped_accumulated_steps_match_burns_adamw_on_clipped_gradients() {
+    let (first, _) = reference_batch();
+    // The same rows rotated by three positions: other sequences, other gradients.
+    fn rotate<T: Clone>(rows: &[Vec<T>]) -> Vec<Vec<T>> {
+        rows.iter()
+            .map(|row| {
+                let mut row = row.clone();
+                row.rotate_left(3);
+                row
+            })
+            .collect()
+    }
+    let second = Batch {
+        ids: rotate(&first.ids),
+        labels: rotate(&first.labels),
+    };
+    let steps = [vec![first, second.clone()], vec![second]];
+    let tiny = fixtures().join("tiny-llama");
+    let lr = 1e-2;
+    let max = 0.05;
+    let config = TrainingConfig {
+        strategy: TrainingStrategy::Full,
+        learning_rate: lr,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        weight_decay: 0.0,
+        max_grad_norm: Some(max),
+        ..TrainingConfig::default()
+    };
+    // The reference: burn's accumulation, the clip in burn ops, burn's AdamW.
+    let mut model = Trainer::new(&tiny, &flex(), config.clone())
+        .expect("trainer")
+        .into_model();
+    let mut adamw = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init();
+    let mut expected_norms = Vec::new();
+    for batches in &steps {
+        let decoder = model.decoder().clone();
+        let mut accumulator = GradientsAccumulator::<Decoder>::new();
+        for batch in batches {
+            let loss = model.loss(&batch.ids, &batch.labels).expect("loss");
+            accumulator.accumulate(
+                &decoder,
+                GradientsParams::from_grads(loss.backward(), &decoder),
+            );
+        }
+        let mut grads = accumulator.grads();
+        let mut norm = ClipReference {
+            grads: &mut grads,
+            factor: None,
+            squares: 0.0,
+        };
+        decoder.visit(&mut norm);
+        let count = batches.len() as f32;
+        let mean_norm = norm.squares.sqrt() as f32 / count;
+        assert!(mean_norm > max, "the clip must act");
+        expected_norms.push(mean_norm);
+        decoder.visit(&mut ClipReference {
+            grads: &mut grads,
+            factor: Some(max / (mean_norm + 1e-6) / count),
+            squares: 0.0,
+        });
+        model = model.map_decoder(|decoder| adamw.step(lr, decoder, grads));
+    }
+    let expected = by_path(model.decoder(), None);
+
+    let mut trainer = Trainer::new(&tiny, &flex(), config).expect("trainer");
+    for (batches, expected_norm) in steps.iter().zip(expected_norms) {
+        let (_, grad_norm) = trainer.step_on(batches).expect("step");
+        assert!(
+            (grad_norm - expected_norm).abs() <= 1e-4 * expected_norm,
+            "norm {grad_norm} vs {expected_norm}"
+        );
+    }
+    let actual = by_path(trainer.model().decoder(), None);
+    assert_eq!(actual.len(), expected.len());
+    let (worst, path) = expected
+        .iter()
+        .map(|(path, expected)| {
+            let diff = actual[path]
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            (diff, path)
+        })
+        .fold((0f32, ""), |worst, (diff, path)| match diff > worst.0 {
+            true => (diff, path.as_str()),
+            false => worst,
+        });
+    assert!(worst < 1e-5, "{path}: differs from burn's AdamW by {worst}");
 }
